@@ -1,0 +1,41 @@
+# memfl — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: install data demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "memfl needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## install: a virtual environment in .venv with memfl, torch==2.13.0 and the dev tools
+install: $(STAMP)
+
+## data: Fashion-MNIST from the Debian package where apt is available, else a download
+data: $(STAMP)
+	@bash scripts/get-data.sh $(BIN)/python
+
+## demo: the default experiment (100 clients, Dirichlet 0.5, device-profile budgets)
+demo: install data
+	$(BIN)/memfl run --config configs/demo.toml
+
+## test: the fast test suite (what CI runs)
+test: install
+	-@bash scripts/get-data.sh $(BIN)/python --quiet
+	$(BIN)/python -m pytest -m "not slow" -q
+
+## test-all: every test, the slow ones too
+test-all: install
+	$(BIN)/python -m pytest -q
+
+## bench: every benchmark, results under results/bench
+bench: install data
+	for b in memory overhead fedavg; do $(BIN)/memfl bench $$b --out results/bench || exit 1; done
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

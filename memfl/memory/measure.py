@@ -1,0 +1,289 @@
+"""Measure the real peak memory of a few training steps in a fresh subprocess.
+
+What is measured
+----------------
+``measure(model_fn, input_shape, ...)`` starts a *fresh* Python process (``multiprocessing`` spawn
+context) so nothing allocated by the caller (other models, data, caches, allocator fragmentation)
+is counted. In the child:
+
+1. ``import torch``; the thread count is set to the parent's ``torch.get_num_threads()`` so both
+   sides (and :func:`memfl.memory.estimate.estimate`, which runs in the parent) see the same
+   oneDNN/OpenMP behaviour.
+2. Runtime warm-up, not counted: a tiny conv forward/backward + SGD step (thread pools, oneDNN
+   and MKL initialisation), and one *throw-away* ``model_fn()`` call with a no-grad forward at
+   batch 2 (imports done lazily by the model builder, the number of classes read from the output).
+   Everything is deleted and ``gc.collect()``-ed.
+3. **Baseline** is recorded here, *before* the measured model is built, so the peak includes the
+   parameters and buffers (as :class:`~memfl.memory.estimate.MemoryEstimate` does).
+4. Build the model, ``engine.prepare(model, plan)``, the optimizer (``make_optimizer``, lr 0.01,
+   no weight decay), a random input batch of ``input_shape`` and random labels, then ``steps``
+   iterations of ``zero_grad(set_to_none=True); loss = step.loss(x, y)[0]; loss.backward();
+   opt.step()``.
+5. ``peak_bytes`` = high-water mark during 4. minus the baseline.
+
+CPU: resident set size. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every
+block of 64 KiB or more with its own ``mmap`` and unmaps it on free: RSS then follows the live
+tensors instead of the allocator's high-water mark. The peak is exact: the kernel's RSS high-water
+mark is reset with ``/proc/self/clear_refs`` (value 5) right at the baseline and read from
+``VmHWM`` in ``/proc/self/status`` at the end. Where ``clear_refs`` is not permitted a sampling
+thread polls ``VmRSS`` every 0.5 ms instead (may miss very short peaks; ``device`` then reads
+``cpu (sampled)``).
+
+Known differences between RSS and live tensor bytes (all small here): pages of a fresh ``mmap``
+that are never touched are not resident; small (< 64 KiB) allocations come from the glibc heap and
+can stay resident after being freed (fragmentation); oneDNN JIT-compiles kernels for every new
+convolution shape during the first step (code pages, a few hundred KiB per primitive) and keeps
+them in its primitive cache; the Python objects of the model/optimizer.
+
+CUDA (``device="cuda"``): ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
+at the baseline, minus ``memory_allocated`` at the baseline (the caching allocator's *allocated*
+bytes, i.e. live tensors, not the reserved pool; cuDNN/cuBLAS workspaces obtained through the
+caching allocator are included).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from memfl.protocol import Plan
+
+MMAP_THRESHOLD = 65536
+
+
+@dataclass
+class MemoryMeasurement:
+    """Result of :func:`measure`.
+
+    peak_bytes:     peak growth over the baseline during model build + the training steps.
+    baseline_bytes: RSS (CPU) or allocated bytes (CUDA) at the baseline, after runtime warm-up.
+    steps:          training steps run.
+    step_seconds:   mean wall time per step after the first (the first step when ``steps == 1``).
+    device:         where it ran (``cpu``, ``cpu (sampled)`` or ``cuda:N``).
+    """
+
+    peak_bytes: int
+    baseline_bytes: int
+    steps: int
+    step_seconds: float
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MeasurementError(RuntimeError):
+    """The measuring child process failed (the child's traceback is in the message)."""
+
+
+# --------------------------------------------------------------------------------------- child
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not found in /proc/self/status")
+
+
+class _CpuPeak:
+    """RSS high-water mark since :meth:`reset`, exact via clear_refs or sampled as a fallback."""
+
+    def __init__(self) -> None:
+        self.exact = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._max = 0
+
+    def reset(self) -> int:
+        """Reset the high-water mark; return the current RSS in bytes (the baseline)."""
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        rss = _status_kib("VmRSS") * 1024
+        if not self.exact:
+            self._max = rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return rss
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _status_kib("VmRSS") * 1024)
+            time.sleep(0.0005)
+
+    def peak(self) -> int:
+        if self.exact:
+            return _status_kib("VmHWM") * 1024
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return max(self._max, _status_kib("VmRSS") * 1024)
+
+
+def _warm_up_runtime(torch: Any, device: str) -> None:
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(device)
+    bn = torch.nn.BatchNorm2d(8).to(device)
+    lin = torch.nn.Linear(8, 4).to(device)
+    opt = torch.optim.SGD(list(conv.parameters()) + list(bn.parameters()) + list(lin.parameters()),
+                          lr=0.01, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8, device=device)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        out = lin(torch.relu(bn(conv(x))).mean((2, 3)))
+        torch.nn.functional.cross_entropy(out, torch.zeros(4, dtype=torch.long, device=device)).backward()
+        opt.step()
+
+
+def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], optimizer: str,
+                   plan: Plan | None, steps: int, device: str, momentum: float,
+                   num_threads: int) -> dict[str, Any]:
+    import gc
+
+    import torch
+
+    from memfl.engine import make_optimizer, prepare
+
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(0)
+    cuda = device.startswith("cuda")
+    _warm_up_runtime(torch, device)
+
+    # Throw-away build: lazy imports/initialisation of the builder, number of classes.
+    probe = model_fn().to(device)
+    probe.eval()
+    with torch.no_grad():
+        num_classes = int(probe(torch.randn(2, *input_shape[1:], device=device)).shape[-1])
+    del probe
+    gc.collect()
+
+    tracker = _CpuPeak()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = int(torch.cuda.memory_allocated(device))
+    else:
+        baseline = tracker.reset()
+
+    model = model_fn().to(device)
+    model.train()
+    step = prepare(model, plan)
+    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum)
+    x = torch.randn(*input_shape, device=device)
+    y = torch.randint(0, num_classes, (input_shape[0],), device=device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if step.saved_tensors is not None:
+            with step.saved_tensors():
+                loss, _ = step.loss(x, y)
+        else:
+            loss, _ = step.loss(x, y)
+        loss.backward()
+        opt.step()
+        del loss
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+
+    if cuda:
+        peak = int(torch.cuda.max_memory_allocated(device)) - baseline
+        where = str(torch.device(device)) if ":" in device else f"cuda:{torch.cuda.current_device()}"
+    else:
+        peak = tracker.peak() - baseline
+        where = "cpu" if tracker.exact else "cpu (sampled)"
+    later = times[1:] or times
+    return {"peak_bytes": int(peak), "baseline_bytes": int(baseline), "steps": steps,
+            "step_seconds": float(sum(later) / len(later)), "device": where}
+
+
+def _child_main(conn: Any, args: tuple) -> None:
+    try:
+        result = ("ok", _child_measure(*args))
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+        result = ("error", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+    try:
+        conn.send(result)
+    finally:
+        conn.close()
+
+
+# -------------------------------------------------------------------------------------- parent
+
+def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimizer: str = "sgd",
+            plan: Plan | None = None, steps: int = 3, device: str = "cpu", momentum: float = 0.9,
+            timeout: float = 600) -> MemoryMeasurement:
+    """Peak memory of ``steps`` real training steps of ``model_fn()`` in a fresh subprocess.
+
+    model_fn:    picklable zero-argument callable returning the model (a module-level function or
+                 ``functools.partial(memfl.models.build_model, name, ...)``).
+    input_shape: input batch shape including the batch, e.g. ``(32, 1, 28, 28)``; labels are random
+                 in ``[0, num_classes)`` with ``num_classes`` read from the model's output.
+    optimizer:   ``"sgd"`` (with ``momentum``) or ``"adam"``; lr 0.01, no weight decay.
+    plan:        the training plan (default full training); the step comes from
+                 :func:`memfl.engine.prepare`, and its ``saved_tensors`` context (if any) wraps the
+                 forward, as in the trainer.
+    timeout:     seconds before the child is killed and :class:`TimeoutError` raised.
+
+    Raises :class:`MeasurementError` with the child's traceback when the child fails.
+    See the module docstring for what exactly is counted.
+    """
+    import torch
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    args = (model_fn, tuple(int(s) for s in input_shape), optimizer, plan, int(steps), device,
+            float(momentum), int(torch.get_num_threads()))
+    proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True,
+                       name="memfl-measure")
+    # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only.
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    try:
+        proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    child_conn.close()
+    result = None
+    try:
+        deadline = time.monotonic() + timeout
+        while result is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"memory measurement did not finish within {timeout:g} s "
+                                   f"(child killed)")
+            if parent_conn.poll(min(remaining, 0.2)):
+                try:
+                    result = parent_conn.recv()
+                except EOFError:
+                    result = ("died", None)
+            elif not proc.is_alive() and not parent_conn.poll(0):
+                result = ("died", None)
+    finally:
+        if proc.is_alive():
+            proc.join(timeout=5 if result is not None else 0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        parent_conn.close()
+    status, payload = result
+    if status == "died":
+        raise MeasurementError(f"memory measurement child died without a result "
+                               f"(exit code {proc.exitcode}; killed for memory?)")
+    if status == "error":
+        raise MeasurementError(f"memory measurement child failed:\n{payload}")
+    return MemoryMeasurement(**payload)

@@ -1,0 +1,1 @@
+"""Runtimes that drive strategies and trainers: ``sim`` (in-process, default)."""

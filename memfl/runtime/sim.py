@@ -1,0 +1,267 @@
+"""The embedded in-process simulator (the default runtime).
+
+``run_experiment(config)`` builds the federation (data partitions, device profiles, budgets), then
+for each round asks the strategy for instructions, runs each selected client's
+:class:`~memfl.engine.trainer.LocalTrainer` in this process, merges the results and evaluates
+the global model. A client that raises is recorded as failed and left out of the aggregate. After
+every round the global model and the results so far are checkpointed to the output folder, so a
+killed run started again with the same config resumes where it stopped.
+
+Virtual clock: a client's round time = measured compute seconds / device speed + transfer time
+(the parameters down and the trained tensors up at ``BANDWIDTH_MBPS``); a synchronous round lasts
+as long as its slowest client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memfl.config import Config, ConfigError
+from memfl.data import Dataset, assign_budgets, load_dataset, make_synthetic, partition
+from memfl.engine.trainer import LocalTrainer, evaluate
+from memfl.memory import estimate
+from memfl.models import build_model
+from memfl.protocol import HyperParams, Plan, Result
+from memfl.strategies import STRATEGIES, ClientInfo, FederationContext, Strategy
+
+#: assumed uplink/downlink bandwidth for the virtual clock (megabits per second)
+BANDWIDTH_MBPS = 20.0
+CHECKPOINT_TENSORS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+@dataclass
+class SimClient:
+    """One simulated client: its data and its device."""
+
+    info: ClientInfo
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int) -> Callable[[Plan], torch.nn.Module]:
+    """plan -> fresh model of the configured architecture (width-scaled for ``width`` plans)."""
+
+    def build(plan: Plan) -> torch.nn.Module:
+        width = config.run.model_width * (plan.width if plan.kind == "width" else 1.0)
+        return build_model(config.run.model, in_channels=input_shape[0], num_classes=num_classes,
+                           image_size=input_shape[-1], width=width)
+
+    return build
+
+
+def load_data(config: Config) -> Dataset:
+    """The configured dataset (``synthetic`` is a small generated set for smoke tests)."""
+    if config.run.dataset == "synthetic":
+        return make_synthetic(num_train=max(2000, 20 * config.run.clients), num_test=500, seed=config.run.seed)
+    return load_dataset(config.run.dataset, config.run.data_dir)
+
+
+def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimClient]:
+    """Partition the data and give every client a device profile and a memory budget."""
+    parts = partition(data.train_y.numpy(), config.run.clients, config.run.partition, seed=config.run.seed)
+    devices = assign_budgets(config.run.budgets, config.run.clients, full_peak_bytes=full_peak, seed=config.run.seed)
+    clients = []
+    for cid, (idx, (device, budget)) in enumerate(zip(parts, devices)):
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        info = ClientInfo(id=cid, num_samples=len(idx), device=device.name, speed=device.speed, budget_bytes=int(budget))
+        clients.append(SimClient(info=info, x=data.train_x[idx_t], y=data.train_y[idx_t]))
+    return clients
+
+
+def hyperparams(config: Config) -> HyperParams:
+    t = config.train
+    return HyperParams(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                       weight_decay=t.weight_decay, optimizer=t.optimizer, prox_mu=t.prox_mu, max_steps=t.max_steps)
+
+
+def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
+                 model_fn: Callable[[Plan], torch.nn.Module]) -> FederationContext:
+    """The strategy's view of the task; predicted peaks are memoised per plan."""
+
+    @lru_cache(maxsize=256)
+    def peak(plan_json: str) -> int:
+        plan = Plan.from_json(json.loads(plan_json))
+        model = model_fn(plan)
+        shape = (config.train.batch_size, *input_shape)
+        return estimate(model, shape, optimizer=config.train.optimizer, plan=plan,
+                        momentum=config.train.momentum).peak_bytes
+
+    return FederationContext(
+        model_fn=model_fn, input_shape=tuple(input_shape), num_classes=num_classes,
+        hparams=hyperparams(config), per_round=config.run.per_round, seed=config.run.seed,
+        peak_fn=lambda plan: peak(json.dumps(plan.to_json(), sort_keys=True)),
+        options=config.to_json(),
+    )
+
+
+def _transfer_seconds(n_bytes: int) -> float:
+    return n_bytes * 8 / (BANDWIDTH_MBPS * 1e6)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Checkpoint:
+    """The global model + results so far in ``out``; written atomically after every round."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.tensors = out / CHECKPOINT_TENSORS
+        self.state = out / CHECKPOINT_STATE
+
+    def load(self, config: Config) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        if not self.state.exists():
+            return None
+        from safetensors.torch import load_file
+
+        state = json.loads(self.state.read_text())
+        if state.get("config") != config.to_json():
+            raise ConfigError(
+                f"{self.out} holds a run with a different configuration; "
+                "use another --out folder, or delete that folder to start over")
+        return load_file(str(self.tensors)), state
+
+    def save(self, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        tmp_t = self.tensors.with_suffix(".tmp")
+        tmp_s = self.state.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp_t))
+        tmp_s.write_text(json.dumps(state))
+        tmp_t.replace(self.tensors)
+        tmp_s.replace(self.state)
+
+
+def run_experiment(config: Config, *, console: Console | None = None, progress: bool = True,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the experiment described by ``config``; return the results dict.
+
+    The results dict (also written to ``<out>/results.json``) holds ``config``, ``clients`` (the
+    federation: device and budget per client), ``rounds`` (a list of ``{round, accuracy, loss,
+    round_seconds, virtual_seconds, clients: [...]}``) and ``summary``.
+    """
+    console = console or Console(stderr=True)
+    out = Path(config.run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.run.seed)
+
+    data = load_data(config)
+    num_classes = data.num_classes
+    model_fn = model_builder(config, data.input_shape, num_classes)
+    torch.manual_seed(config.run.seed)
+    global_model = model_fn(Plan()).to(config.run.device)
+    ctx = make_context(config, data.input_shape, num_classes, model_fn)
+    full_peak = ctx.peak_fn(Plan())
+    clients = build_federation(config, data, full_peak)
+    strategy: Strategy = STRATEGIES[config.run.method](ctx)
+    trainer = LocalTrainer(model_fn, device=config.run.device)
+
+    params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
+    rounds: list[dict[str, Any]] = []
+    checkpoint = Checkpoint(out)
+    resumed = checkpoint.load(config)
+    if resumed is not None:
+        params, state = resumed
+        rounds = state["rounds"]
+        strategy.load_state_dict(state.get("strategy", {}))
+        console.print(f"[yellow]resuming {out} after round {len(rounds)}[/yellow]")
+
+    console.print(
+        f"memfl: {config.run.method} on {config.run.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), "
+        f"model {config.run.model}, {config.run.clients} clients, {config.run.per_round} per round, "
+        f"{config.run.rounds} rounds; full-training peak {full_peak / 2**20:.1f} MB at batch {config.train.batch_size}")
+
+    by_id = {c.info.id: c for c in clients}
+    virtual_total = rounds[-1]["virtual_seconds"] if rounds else 0.0
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not progress, transient=False)
+    with bar:
+        task = bar.add_task("rounds", total=config.run.rounds, completed=len(rounds))
+        for rnd in range(len(rounds) + 1, config.run.rounds + 1):
+            t0 = time.perf_counter()
+            instructions = strategy.configure_train(rnd, params, [c.info for c in clients])
+            results: list[Result] = []
+            records: list[dict[str, Any]] = []
+            for i, ins in enumerate(instructions):
+                bar.update(task, description=f"round {rnd}/{config.run.rounds} client {i + 1}/{len(instructions)}")
+                client = by_id[ins.client_id]
+                rec: dict[str, Any] = {
+                    "id": ins.client_id, "device": client.info.device, "budget_bytes": client.info.budget_bytes,
+                    "plan": ins.plan.label, "predicted_peak_bytes": ins.predicted_peak_bytes,
+                }
+                try:
+                    res = trainer.fit(ins, client.x, client.y)
+                except Exception as err:  # a failing client must not kill the run
+                    rec.update(status="failed", error=f"{type(err).__name__}: {err}")
+                    console.print(f"[red]round {rnd}: client {ins.client_id} failed: {rec['error']}[/red]")
+                    records.append(rec)
+                    continue
+                results.append(res)
+                down = _nbytes({k: ins.params[k] for k in ins.params})
+                rec.update(
+                    status="ok", num_samples=res.num_samples, steps=res.steps, train_loss=res.loss,
+                    compute_seconds=res.compute_seconds,
+                    virtual_seconds=res.compute_seconds / client.info.speed
+                    + _transfer_seconds(down + _nbytes(res.params)),
+                    metrics=res.metrics,
+                )
+                records.append(rec)
+            params = strategy.aggregate_train(rnd, params, results)
+            entry: dict[str, Any] = {"round": rnd, "accuracy": None, "loss": None, "clients": records,
+                                     "strategy": strategy.round_report(rnd)}
+            if rnd % config.run.eval_every == 0 or rnd == config.run.rounds:
+                global_model.load_state_dict(params)
+                entry["accuracy"], entry["loss"] = evaluate(global_model, data.test_x, data.test_y,
+                                                            device=config.run.device)
+            ok = [r for r in records if r["status"] == "ok"]
+            entry["round_virtual_seconds"] = max((r["virtual_seconds"] for r in ok), default=0.0)
+            virtual_total += entry["round_virtual_seconds"]
+            entry["virtual_seconds"] = virtual_total
+            entry["round_seconds"] = time.perf_counter() - t0
+            entry["failed"] = len(records) - len(ok)
+            rounds.append(entry)
+            checkpoint.save(params, {"config": config.to_json(), "rounds": rounds, "strategy": strategy.state_dict()})
+            acc = f"acc {entry['accuracy']:.4f}" if entry["accuracy"] is not None else ""
+            bar.update(task, advance=1, description=f"round {rnd}/{config.run.rounds} {acc}")
+            if on_round:
+                on_round(entry)
+
+    results = {
+        "config": config.to_json(),
+        "memfl": {"torch": torch.__version__},
+        "full_peak_bytes": full_peak,
+        "clients": [{"id": c.info.id, "device": c.info.device, "speed": c.info.speed,
+                     "budget_bytes": c.info.budget_bytes, "num_samples": c.info.num_samples} for c in clients],
+        "rounds": rounds,
+        "summary": summarize(rounds),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    from memfl.report import plot_accuracy
+
+    plot_accuracy([results], out / "accuracy.png", labels=[config.run.method])
+    return results
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final and best accuracy, total virtual time and failures over ``rounds``."""
+    evaluated = [r for r in rounds if r["accuracy"] is not None]
+    return {
+        "rounds": len(rounds),
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "virtual_seconds": rounds[-1]["virtual_seconds"] if rounds else 0.0,
+        "wall_seconds": sum(r["round_seconds"] for r in rounds),
+        "failed_clients": sum(r["failed"] for r in rounds),
+        "participants": sum(len(r["clients"]) for r in rounds),
+    }

@@ -1,0 +1,13 @@
+"""Server-side strategies, by the name used in configs and on the command line."""
+
+from __future__ import annotations
+
+from memfl.strategies.base import ClientInfo, Exclusive, FederationContext, Strategy, round_seed
+
+#: method name -> strategy class
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": Strategy,
+    "exclusive": Exclusive,
+}
+
+__all__ = ["STRATEGIES", "ClientInfo", "Exclusive", "FederationContext", "Strategy", "round_seed"]

@@ -1,0 +1,138 @@
+"""The in-process simulator end to end on small synthetic data."""
+
+import json
+
+import pytest
+import torch
+
+from memfl.engine.trainer import LocalTrainer
+from memfl.protocol import HyperParams, Instruction, Plan
+from memfl.runtime.sim import run_experiment
+
+
+def _params_of(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoint.safetensors"))
+
+
+def test_fedavg_run_writes_results_and_learns(small_config):
+    cfg = small_config(rounds=3, per_round=3)
+    res = run_experiment(cfg, progress=False)
+    out = cfg.run.out
+    data = json.loads(open(f"{out}/results.json").read())
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    assert all(r["accuracy"] is not None for r in data["rounds"])
+    for r in data["rounds"]:
+        assert len(r["clients"]) == 3
+        for c in r["clients"]:
+            assert {"id", "budget_bytes", "plan", "predicted_peak_bytes", "compute_seconds"} <= set(c)
+            assert c["plan"] == "full" and c["status"] == "ok" and c["compute_seconds"] > 0
+        assert r["round_virtual_seconds"] == max(c["virtual_seconds"] for c in r["clients"])
+    # synthetic data is learnable: better than chance (10 classes) after 3 short rounds
+    assert res["summary"]["final_accuracy"] > 0.2
+    assert (cfg.run.out and __import__("pathlib").Path(out, "accuracy.png").stat().st_size > 1000)
+
+
+def test_deterministic_for_a_seed(small_config, tmp_path):
+    a = run_experiment(small_config(out=str(tmp_path / "a")), progress=False)
+    b = run_experiment(small_config(out=str(tmp_path / "b")), progress=False)
+    assert [c["id"] for r in a["rounds"] for c in r["clients"]] == [c["id"] for r in b["rounds"] for c in r["clients"]]
+    pa, pb = _params_of(tmp_path / "a"), _params_of(tmp_path / "b")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_exclusive_only_selects_clients_that_fit(small_config):
+    cfg = small_config(method="exclusive", budgets="relative:0.1-1.1", clients=10, per_round=10, rounds=1)
+    res = run_experiment(cfg, progress=False)
+    full = res["full_peak_bytes"]
+    chosen = res["rounds"][0]["clients"]
+    fits = [c["id"] for c in res["clients"] if c["budget_bytes"] >= full]
+    assert sorted(c["id"] for c in chosen) == sorted(fits)
+    assert 0 < len(fits) < 10  # the budget range straddles the full peak
+    assert all(c["budget_bytes"] >= c["predicted_peak_bytes"] for c in chosen)
+
+
+def test_killed_run_resumes_identically(small_config, tmp_path):
+    full = run_experiment(small_config(rounds=3, out=str(tmp_path / "full")), progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def die_after_two(entry):
+        if entry["round"] == 2:
+            raise Kill
+
+    cfg = small_config(rounds=3, out=str(tmp_path / "resumed"))
+    with pytest.raises(Kill):
+        run_experiment(cfg, progress=False, on_round=die_after_two)
+    resumed = run_experiment(cfg, progress=False)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][2]["accuracy"] == full["rounds"][2]["accuracy"]
+    pa, pb = _params_of(tmp_path / "full"), _params_of(tmp_path / "resumed")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_resume_refuses_a_different_config(small_config, tmp_path):
+    from memfl.config import ConfigError
+
+    run_experiment(small_config(rounds=1, out=str(tmp_path / "r")), progress=False)
+    with pytest.raises(ConfigError, match="different configuration"):
+        run_experiment(small_config(rounds=1, seed=5, out=str(tmp_path / "r")), progress=False)
+
+
+def test_a_failing_client_does_not_kill_the_run(small_config, monkeypatch):
+    original = LocalTrainer.fit
+
+    def flaky(self, ins, x, y):
+        if ins.client_id % 2 == 0:
+            raise RuntimeError("simulated out-of-memory")
+        return original(self, ins, x, y)
+
+    monkeypatch.setattr(LocalTrainer, "fit", flaky)
+    res = run_experiment(small_config(rounds=2, per_round=4), progress=False)
+    statuses = [c["status"] for r in res["rounds"] for c in r["clients"]]
+    assert "failed" in statuses and "ok" in statuses
+    failed = [c for r in res["rounds"] for c in r["clients"] if c["status"] == "failed"]
+    assert all("simulated out-of-memory" in c["error"] for c in failed)
+    assert res["summary"]["failed_clients"] == len(failed)
+
+
+def test_trainer_returns_trainable_and_buffers_and_changes_them():
+    from memfl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn", width=0.25)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = LocalTrainer(lambda plan: build_model("cnn", width=0.25))
+    ins = Instruction(round=1, client_id=0, params=params, trainable=[n for n, _ in model.named_parameters()],
+                      plan=Plan(), hparams=HyperParams(batch_size=8, lr=0.1, max_steps=3), seed=3)
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    res = trainer.fit(ins, x, y)
+    assert set(res.params) == set(params)  # all parameters and BN buffers come back
+    assert res.steps == 3 and res.num_samples == 40 and len(res.sample_losses) > 0
+    changed = [k for k in params if params[k].dtype.is_floating_point and not torch.equal(params[k], res.params[k])]
+    assert len(changed) == sum(1 for k in params if params[k].dtype.is_floating_point)
+    # the same instruction gives the same result
+    again = trainer.fit(ins, x, y)
+    assert all(torch.equal(res.params[k], again.params[k]) for k in res.params)
+
+
+def test_fedprox_term_pulls_towards_the_global_model():
+    from memfl.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn", width=0.25)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    trainer = LocalTrainer(lambda plan: build_model("cnn", width=0.25))
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+    def drift(mu):
+        ins = Instruction(round=1, client_id=0, params=params, trainable=names,
+                          hparams=HyperParams(batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0,
+                                              prox_mu=mu, local_epochs=3), seed=1)
+        res = trainer.fit(ins, x, y)
+        return sum(float((res.params[k] - params[k]).pow(2).sum()) for k in names)
+
+    assert drift(10.0) < drift(0.0)
