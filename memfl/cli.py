@@ -53,6 +53,17 @@ RUN_FLAGS: dict[str, tuple[str, type]] = {
     "batch_size": ("train.batch_size", int),
     "lr": ("train.lr", float),
     "max_steps": ("train.max_steps", int),
+    "model_width": ("run.model_width", float),
+    # method = scalefl (docs/SCALEFL.md)
+    "schedule": ("scalefl.schedule", str),
+    "blocks": ("scalefl.blocks", int),
+    "cut": ("scalefl.partition", str),
+}
+
+#: on/off switches: flag -> (config key, value it sets)
+RUN_SWITCHES: dict[str, tuple[str, bool]] = {
+    "no_mentor": ("scalefl.mentor", False),
+    "no_harmonizer": ("scalefl.harmonizer", False),
 }
 
 
@@ -62,13 +73,18 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     for flag, (key, typ) in RUN_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None,
                        help=f"overrides {key}")
+    for flag, (key, value) in RUN_SWITCHES.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_const", const=value,
+                       default=None, help=f"sets {key} = {str(value).lower()}")
 
 
 def config_from_args(args: argparse.Namespace):
     from memfl.config import load_config, with_overrides
 
     config = load_config(args.config)
-    return with_overrides(config, {key: getattr(args, flag) for flag, (key, _) in RUN_FLAGS.items()})
+    overrides = {key: getattr(args, flag, None) for flag, (key, _) in RUN_FLAGS.items()}
+    overrides.update({key: getattr(args, flag, None) for flag, (key, _) in RUN_SWITCHES.items()})
+    return with_overrides(config, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -78,6 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     results = run_experiment(config, console=console, progress=not args.quiet)
     out = Path(config.run.out)
+    from memfl.report.nhsic import has_nhsic, plot_nhsic_plane
+
+    if has_nhsic(results):  # ScaleFL: the nHSIC plane next to the results
+        console.print(f"plot: {plot_nhsic_plane(results, out / 'nhsic_plane.png')}")
     Console().print(rounds_table(results))
     s = results["summary"]
     Console().print(f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}%  ·  virtual time {s['virtual_seconds']:.0f} s"
@@ -115,6 +135,12 @@ def cmd_memory(args: argparse.Namespace) -> int:
     factory = model_factory(args.model, shape, args.classes)
     input_shape = (args.batch, *shape)
     plan = parse_plan(args.plan, model_fn=factory, input_shape=input_shape, optimizer=args.optimizer)
+    if plan.kind == "stage":  # a stage-t client holds blocks 1..t only (memfl.scalefl.stage)
+        from memfl.scalefl import stage_client_factory
+
+        factory = stage_client_factory(factory, plan.stage)
+    elif plan.kind == "width":  # a HeteroFL client holds the width-scaled sub-model
+        factory = partial(factory, width=plan.width)
     est = estimate(factory(), input_shape, optimizer=args.optimizer, plan=plan)
     out: dict[str, Any] = {"model": args.model, "input_shape": list(input_shape), "optimizer": args.optimizer,
                            "plan": plan.to_json(), "peak_bytes": est.peak_bytes, "breakdown": est.breakdown()}
@@ -169,6 +195,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     console.print(f"plot: {path}")
     if any(r["rounds"] and r["rounds"][-1].get("virtual_seconds") for r in runs):
         console.print(f"plot: {plot_accuracy(runs, out / 'accuracy_time.png', labels=labels, x='virtual_seconds')}")
+    from memfl.report.nhsic import has_nhsic, plot_nhsic_plane
+
+    for d, run, label in zip(args.dirs, runs, labels):
+        if has_nhsic(run):  # ScaleFL results: the nHSIC plane
+            name = "nhsic_plane.png" if len(runs) == 1 else f"nhsic_plane_{Path(d).name}.png"
+            console.print(f"plot: {plot_nhsic_plane(run, out / name, title=f'nHSIC plane: {label}')}")
     return 0
 
 

@@ -114,11 +114,37 @@ class TrainConfig(_Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
+class ScaleFLConfig(_Section):
+    """``method = "scalefl"``: sequential block-wise training (SPEC 2, docs/SCALEFL.md)."""
+
+    blocks: int = Field(4, ge=1)  # T
+    partition: Literal["default", "balanced"] = "default"  # balanced: equalise activation memory
+    mentor: bool = True  # the Curriculum Mentor's nHSIC terms
+    harmonizer: bool = True  # co-train block t-1's last layer with block t
+    schedule: Literal["elastic", "cyclic"] = "elastic"
+    r_min: int = Field(3, ge=1)  # elastic: rounds a stage runs at least
+    r_max: int | None = Field(None, ge=1)  # elastic: at most (None: run.rounds // blocks)
+    plateau: float = Field(0.02, ge=0)  # advance when the loss improves < this fraction per round
+    window: int = Field(3, ge=2)  # rounds the plateau slope is fitted over
+    beta: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2)  # nHSIC(X,Z) weight, first/last block
+    gamma: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2)  # nHSIC(Y,P) weight, first/last block
+    sigma: float = Field(5.0, gt=0)  # Gaussian kernel width
+
+
+class HeteroFLConfig(_Section):
+    """``method = "heterofl"``: the width fractions a client may train (largest that fits wins)."""
+
+    widths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1)
+
+
 class Config(_Section):
-    """The whole configuration: ``[run]`` and ``[train]`` tables."""
+    """The whole configuration: ``[run]`` and ``[train]`` tables (``[scalefl]``, ``[heterofl]``
+    for those methods)."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    scalefl: ScaleFLConfig = Field(default_factory=ScaleFLConfig)
+    heterofl: HeteroFLConfig = Field(default_factory=HeteroFLConfig)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -49,6 +49,9 @@ class Plan:
         if self.kind == "width" and not (self.width and 0 < self.width <= 1):
             raise ValueError("a 'width' plan needs 0 < width <= 1")
 
+    def __hash__(self) -> int:  # dict fields: hash the canonical JSON form
+        return hash(json.dumps(self.to_json(), sort_keys=True))
+
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. ``full``, ``stage:2``, ``width:0.5``, ``hybrid``."""

@@ -4,8 +4,8 @@ from memfl.protocol import Result
 from memfl.strategies.aggregate import fedavg
 
 
-def _res(cid, n, **tensors):
-    return Result(client_id=cid, params=tensors, num_samples=n, loss=0.0)
+def _res(cid, samples, **tensors):
+    return Result(client_id=cid, params=tensors, num_samples=samples, loss=0.0)
 
 
 def test_weighted_average_and_partial_sends():

@@ -25,9 +25,23 @@ def _fresh(name: str, cin: int, size: int, width: float = 1.0) -> BlockModel:
 
 @pytest.mark.parametrize("cin,size", SHAPES)
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_forward_blocks_units_backward(name, cin, size):
-    model = _fresh(name, cin, size)
+def test_full_width_logits_and_backward(name, cin, size):
+    model = _model(name, cin, size)
     assert isinstance(model, BlockModel) and len(model.blocks) == 4
+    assert model.arch["name"] == name and model.arch["in_channels"] == cin
+    model.train()
+    out = model(torch.randn(2, cin, size, size))
+    assert out.shape == (2, 7)
+    out.logsumexp(1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("cin,size", SHAPES)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_blocks_and_units_reproduce_forward(name, cin, size):
+    # width 0.25: same structure as the full model, a fraction of the compute
+    model = _fresh(name, cin, size, 0.25)
     x = torch.randn(2, cin, size, size)
     model.eval()
     with torch.no_grad():
@@ -41,11 +55,13 @@ def test_forward_blocks_units_backward(name, cin, size):
         for _, unit in units(model):
             h = unit(h)
         torch.testing.assert_close(model.head(h), ref)
+    # train mode too (BN batch statistics), with gradients through the unit chain
     model.train()
-    model(x).logsumexp(1).sum().backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.arch["name"] == name and model.arch["in_channels"] == cin
+    h = x
+    for _, unit in units(model, include_head=True):
+        h = unit(h)
+    h.logsumexp(1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

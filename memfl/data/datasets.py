@@ -23,6 +23,7 @@ parent, or a folder holding the ``.tar.gz`` archive (extracted into the user cac
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -218,6 +219,13 @@ def _find(spec: _Spec, root: Path, notes: list[str]) -> Path | list[Path] | None
     Returns the four IDX paths (MNIST family), the CIFAR batch folder, or None. Partial sets are
     reported in ``notes`` so the final error can say what is missing where.
     """
+    if spec.kind == "cifar" and root.is_file():  # the archive itself
+        archive = find_cifar_archive(root, spec.name)
+        if archive is None:
+            notes.append(f"{root} is a file, not {CIFAR_LAYOUTS[spec.name].archive}")
+            return None
+        cached = find_cifar_folder(cache_dir(spec.name), spec.name)
+        return cached if cached is not None else extract_cifar_archive(archive, cache_dir(spec.name), spec.name)
     for folder in _candidates(spec, root):
         if not folder.is_dir():
             continue
@@ -299,7 +307,9 @@ def _download_file(url: str, dest: Path, *, md5: str | None = None, progress: bo
         if md5 is not None and digest.hexdigest() != md5:
             raise DataError(f"download of {url} has md5 {digest.hexdigest()}, expected {md5}")
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            e.close()  # an HTTPError holds the open response; don't leak its socket
         raise DataError(f"could not download {url}: {e}") from e
     finally:
         if tmp.exists():

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PARTITION_FORMS", "parse_partition", "partition"]
+__all__ = ["PARTITION_FORMS", "label_histogram", "parse_partition", "partition"]
 
 #: The accepted spec forms, for error messages and help texts.
 PARTITION_FORMS = "'iid', 'dirichlet:ALPHA' (ALPHA > 0, e.g. dirichlet:0.5) or 'classes:K' (integer K >= 1, e.g. classes:2)"
@@ -124,26 +124,31 @@ def _dirichlet(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Gen
         )
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
-    smallest = 0
+    fair = n / num_clients
+    best = 0
     for _ in range(MAX_DIRICHLET_ATTEMPTS):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        # Draw only the cut points first (cheap), materialise the split once a draw is accepted.
         sizes = np.zeros(num_clients, dtype=np.int64)
+        all_cuts = []
         for idx in by_class:
-            idx = rng.permutation(idx)
             p = rng.dirichlet(np.full(num_clients, alpha))
-            p = p * (sizes < n / num_clients)  # clients at their fair share get no more
+            p = p * (sizes < fair)  # clients at their fair share get no more
             total = p.sum()
             p = p / total if total > 0 else np.full(num_clients, 1.0 / num_clients)
             cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].append(chunk)
-                sizes[client] += len(chunk)
+            sizes += np.diff(cuts, prepend=0, append=len(idx))
+            all_cuts.append(cuts)
         smallest = int(sizes.min())
+        best = max(best, smallest)
         if smallest >= min_size:
-            return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+            parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+            for idx, cuts in zip(by_class, all_cuts):
+                for client, chunk in enumerate(np.split(rng.permutation(idx), cuts)):
+                    parts[client].append(chunk)
+            return [np.concatenate(p) for p in parts]
     raise ValueError(
-        f"dirichlet:{alpha:g} partition: after {MAX_DIRICHLET_ATTEMPTS} draws some client still had fewer "
-        f"than min_size={min_size} samples (last smallest: {smallest}); use a larger ALPHA, fewer "
+        f"dirichlet:{alpha:g} partition: in {MAX_DIRICHLET_ATTEMPTS} draws some client always had fewer "
+        f"than min_size={min_size} samples (best draw: {best}); use a larger ALPHA, fewer "
         "clients or a smaller min_size"
     )
 

@@ -28,6 +28,8 @@ class TrainStep:
     extra_loss: optional (x, y, logits) -> tensor added to the cross-entropy (e.g. the HSIC mentor).
     saved_tensors: optional context manager factory wrapping the forward (e.g. compression hooks).
     sent_buffers: buffer names (state-dict) the client sends back along with ``trainable``.
+    metrics:   optional () -> JSON-able dict the trainer merges into ``Result.metrics`` after the
+               round (e.g. ScaleFL's per-block nHSIC values).
     """
 
     module: nn.Module
@@ -36,6 +38,7 @@ class TrainStep:
     extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     saved_tensors: Callable[[], ContextManager] | None = None
     sent_buffers: list[str] = field(default_factory=list)
+    metrics: Callable[[], dict] | None = None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean loss to backpropagate, per-sample cross-entropy detached)."""
@@ -61,6 +64,22 @@ def prepare_full(model: nn.Module, plan: Plan) -> TrainStep:
 
 
 ENGINES: dict[str, Callable[[nn.Module, Plan], TrainStep]] = {"full": prepare_full}
+
+
+def _prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
+    from memfl.scalefl.stage import prepare_stage  # lazy: memfl.scalefl imports this module
+
+    return prepare_stage(model, plan)
+
+
+def _prepare_width(model: nn.Module, plan: Plan) -> TrainStep:
+    from memfl.strategies.heterofl import prepare_width
+
+    return prepare_width(model, plan)
+
+
+ENGINES["stage"] = _prepare_stage  # ScaleFL stage t (memfl/scalefl/stage.py)
+ENGINES["width"] = _prepare_width  # HeteroFL width-scaled sub-model (memfl/strategies/heterofl.py)
 
 
 def prepare(model: nn.Module, plan: Plan | None = None) -> TrainStep:

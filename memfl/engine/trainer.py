@@ -113,7 +113,8 @@ class LocalTrainer:
             compute_seconds=seconds,
             steps=steps,
             predicted_peak_bytes=instruction.predicted_peak_bytes,
-            metrics={"loss_sq_mean": float((sample ** 2).mean()) if len(sample) else 0.0},
+            metrics={"loss_sq_mean": float((sample ** 2).mean()) if len(sample) else 0.0,
+                     **(step.metrics() if step.metrics is not None else {})},
         )
 
 

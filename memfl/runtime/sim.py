@@ -135,8 +135,8 @@ class Checkpoint:
     def save(self, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         from safetensors.torch import save_file
 
-        tmp_t = self.tensors.with_suffix(".tmp")
-        tmp_s = self.state.with_suffix(".tmp")
+        tmp_t = self.tensors.with_name(self.tensors.name + ".tmp")
+        tmp_s = self.state.with_name(self.state.name + ".tmp")
         save_file({k: v.contiguous() for k, v in params.items()}, str(tmp_t))
         tmp_s.write_text(json.dumps(state))
         tmp_t.replace(self.tensors)
@@ -165,6 +165,11 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
     full_peak = ctx.peak_fn(Plan())
     clients = build_federation(config, data, full_peak)
     strategy: Strategy = STRATEGIES[config.run.method](ctx)
+    wrap = getattr(strategy, "wrap_model_fn", None)
+    if wrap is not None:  # the global model holds more than the model (ScaleFL: output modules, heads)
+        model_fn = wrap(model_fn, config.to_json())
+        torch.manual_seed(config.run.seed)
+        global_model = model_fn(Plan()).to(config.run.device)
     trainer = LocalTrainer(model_fn, device=config.run.device)
 
     params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}

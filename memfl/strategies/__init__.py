@@ -10,4 +10,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "exclusive": Exclusive,
 }
 
+from memfl.strategies.heterofl import HeteroFL  # noqa: E402
+from memfl.strategies.scalefl import ScaleFL  # noqa: E402
+
+STRATEGIES["heterofl"] = HeteroFL
+STRATEGIES["scalefl"] = ScaleFL
+
 __all__ = ["STRATEGIES", "ClientInfo", "Exclusive", "FederationContext", "Strategy", "round_seed"]
