@@ -58,6 +58,8 @@ RUN_FLAGS: dict[str, tuple[str, type]] = {
     "schedule": ("scalefl.schedule", str),
     "blocks": ("scalefl.blocks", int),
     "cut": ("scalefl.partition", str),
+    # method = fedhybrid (docs/FEDHYBRID.md)
+    "selection": ("fedhybrid.selection", str),
 }
 
 #: on/off switches: flag -> (config key, value it sets)
@@ -122,6 +124,16 @@ def parse_plan(text: str, **context: Any):
     """
     from memfl.protocol import Plan
 
+    if text.startswith("budget:"):  # FedHybrid: the fastest hybrid plan under budget X (docs/FEDHYBRID.md)
+        from memfl.hybrid.cli import solve_for_model
+        from memfl.hybrid.planner import InfeasibleBudget
+
+        try:
+            choice, _, _ = solve_for_model(context["model_fn"], context["input_shape"], text[len("budget:"):],
+                                           optimizer=context.get("optimizer", "sgd"), timing=True)
+        except (InfeasibleBudget, ValueError) as err:
+            raise UsageError(f"--plan {text}: {err}") from None
+        return choice.plan
     try:
         return Plan.parse(text)
     except ValueError as err:
@@ -236,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+")
     p.add_argument("--out", help="folder for the plots (default: the first results folder)")
     p.set_defaults(func=cmd_report)
+
+    from memfl.hybrid.cli import add_plan_parser  # `memfl plan` (FedHybrid's planner)
+
+    add_plan_parser(sub)
+
+    from memfl.runtime.flower.cli import add_flower_commands  # `memfl flower app|local` (flwr loaded lazily)
+
+    add_flower_commands(sub, add_run_flags)
 
     return parser
 

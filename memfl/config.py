@@ -137,14 +137,34 @@ class HeteroFLConfig(_Section):
     widths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1)
 
 
+class FedHybridConfig(_Section):
+    """``method = "fedhybrid"`` (and the baselines ``oort``, ``random``, ``oort+fedprox``): SPEC 3,
+    docs/FEDHYBRID.md."""
+
+    selection: Literal["fedhybrid", "oort", "random"] = "fedhybrid"  # fedhybrid's selector
+    contention: bool = False  # per-round budgets from contention traces + the budget predictor
+    predictor_quantile: float = Field(0.005, gt=0, lt=0.5)  # target violation rate of the predictor
+    margin: float = Field(0.03, ge=0, lt=0.5)  # plans peak at most budget x (1 - margin)
+    bits: list[int] = Field(default_factory=lambda: [8, 4, 2], min_length=1)  # compression widths
+    min_bits: int = Field(2, ge=1, le=8)  # accuracy guard: no segment compressed below this
+    mixed: bool = True  # channel-wise mixed bits (False: uniform)
+    recompute: bool = True  # allow recomputation
+    plan_levels: int = Field(16, ge=2)  # budgets the server pre-solves plans for
+    prox_mu: float = Field(0.01, ge=0)  # oort+fedprox's proximal term (when train.prox_mu is 0)
+    explore: float = Field(0.9, ge=0, le=1)  # initial exploration share of the picks
+    explore_decay: float = Field(0.98, gt=0, le=1)
+    explore_min: float = Field(0.2, ge=0, le=1)
+
+
 class Config(_Section):
-    """The whole configuration: ``[run]`` and ``[train]`` tables (``[scalefl]``, ``[heterofl]``
-    for those methods)."""
+    """The whole configuration: ``[run]`` and ``[train]`` tables (``[scalefl]``, ``[heterofl]``,
+    ``[fedhybrid]`` for those methods)."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scalefl: ScaleFLConfig = Field(default_factory=ScaleFLConfig)
     heterofl: HeteroFLConfig = Field(default_factory=HeteroFLConfig)
+    fedhybrid: FedHybridConfig = Field(default_factory=FedHybridConfig)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -136,3 +136,14 @@ def test_fedprox_term_pulls_towards_the_global_model():
         return sum(float((res.params[k] - params[k]).pow(2).sum()) for k in names)
 
     assert drift(10.0) < drift(0.0)
+
+
+def test_a_finished_run_can_be_extended_but_not_shrunk(small_config, tmp_path):
+    from memfl.config import ConfigError
+
+    out = str(tmp_path / "x")
+    run_experiment(small_config(rounds=1, out=out), progress=False)
+    longer = run_experiment(small_config(rounds=2, out=out), progress=False)
+    assert [r["round"] for r in longer["rounds"]] == [1, 2]
+    with pytest.raises(ConfigError, match="already holds 2 rounds"):
+        run_experiment(small_config(rounds=1, out=out), progress=False)

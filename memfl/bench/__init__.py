@@ -16,6 +16,14 @@ BENCHMARKS: dict[str, str] = {
     "memory": "memfl.bench.memory",
     "overhead": "memfl.bench.overhead",
     "fedavg": "memfl.bench.federation",
+    "flower": "memfl.bench.flower",
+    # FedHybrid (docs/FEDHYBRID.md): all three parts, or one of them
+    "hybrid": "memfl.bench.hybrid",
+    "hybrid-fit": "memfl.bench.hybrid.fit",
+    "hybrid-predictor": "memfl.bench.hybrid.predictor",
+    "hybrid-federation": "memfl.bench.hybrid.federation",
+    # ScaleFL (docs/SCALEFL.md): memory per stage + accuracy against the baselines
+    "scalefl": "memfl.bench.scalefl",
 }
 
 

@@ -22,7 +22,7 @@ def base_config(out: Path, quick: bool) -> dict[str, Any]:
     """The shared federation: Fashion-MNIST, cnn, 100 clients, Dirichlet 0.5, 10 per round."""
     return {
         "run": {"model": "cnn", "dataset": "fashion-mnist", "clients": 100, "per_round": 10,
-                "rounds": 4 if quick else 30, "eval_every": 1, "partition": "dirichlet:0.5",
+                "rounds": 4 if quick else 12, "eval_every": 1, "partition": "dirichlet:0.5",
                 "budgets": "relative:0.1-1.1", "seed": 0},
         "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
                   **({"max_steps": 5} if quick else {})},

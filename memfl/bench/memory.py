@@ -42,7 +42,7 @@ def _say(text: str) -> None:
     try:
         from rich.console import Console
 
-        Console(stderr=True).print(text, highlight=False)
+        Console(stderr=True).print(text, highlight=False, soft_wrap=True)
     except Exception:  # noqa: BLE001 - progress output must never break the benchmark
         print(text, flush=True)
 

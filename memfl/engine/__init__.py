@@ -78,8 +78,15 @@ def _prepare_width(model: nn.Module, plan: Plan) -> TrainStep:
     return prepare_width(model, plan)
 
 
+def _prepare_hybrid(model: nn.Module, plan: Plan) -> TrainStep:
+    from memfl.hybrid.engine import prepare_hybrid  # lazy: memfl.hybrid imports this module
+
+    return prepare_hybrid(model, plan)
+
+
 ENGINES["stage"] = _prepare_stage  # ScaleFL stage t (memfl/scalefl/stage.py)
 ENGINES["width"] = _prepare_width  # HeteroFL width-scaled sub-model (memfl/strategies/heterofl.py)
+ENGINES["hybrid"] = _prepare_hybrid  # FedHybrid keep/recompute/compress per segment (memfl/hybrid/)
 
 
 def prepare(model: nn.Module, plan: Plan | None = None) -> TrainStep:

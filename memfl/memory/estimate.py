@@ -30,7 +30,7 @@ model, its BN statistics and ``.grad`` are never touched), so any plan kind is u
   with momentum 1 x trainable, without momentum 0, Adam 2 x trainable + one 4-byte step per tensor.
 - ``activations``: exact, from ``torch.autograd.graph.saved_tensors_hooks`` during the forward:
   every tensor autograd saves, deduplicated by untyped storage, skipping storages shared with a
-  parameter/buffer or with the input batch (the input is counted in ``transient``). When the
+  parameter/buffer or with the input batch and labels (counted in ``transient``). When the
   TrainStep carries a ``saved_tensors`` context (compression, offloading...) the counting hook is
   pushed *inside* it and calls the plan's own pack hook, then counts the tensors found in what that
   hook returns (see :func:`stored_tensors`: tensors, tuples/lists/dicts, objects' attributes, or an
@@ -53,29 +53,39 @@ model, its BN statistics and ``.grad`` are never touched), so any plan kind is u
   alive, in-flight activation gradients, workspaces, optimizer temporaries. The parts overlap in
   time, so ``peak_bytes = parameters + optimizer_state + max(activations, gradients) + transient +
   overhead`` (not the plain sum of all parts).
-- ``overhead`` = :data:`RUNTIME_OVERHEAD_BYTES`, a constant calibrated once against
-  :func:`memfl.memory.measure.measure` (CPU, glibc with ``MALLOC_MMAP_THRESHOLD_=65536``): the
-  residual RSS left after the first step beyond parameters + gradients + optimizer state + input
-  was 0.4 MiB (one conv layer) to 6.2 MiB (ResNet-34) on our models, 2.8 (CNN), 3.3 (VGG-11), 3.6
-  (VGG-16), 5.8 (ResNet-18), 5.7 (ViT-tiny). It is runtime state created during the first step:
-  MKL's GEMM buffer pool (~2.7 MiB once a large matmul ran; gone with ``MKL_DISABLE_FAST_MM=1``),
-  oneDNN's primitive cache with JIT-compiled kernels (0.3-2 MiB), glibc heap kept by small
-  allocations and page rounding of ``mmap``-ed blocks. It is not a tensor, not visible to the
-  profiler, and not proportional to anything simple, so one constant (3 MiB, roughly the median)
-  is used; it is 0 meaning-wise on CUDA, where the measurement counts allocator bytes only.
+- ``overhead`` = :data:`RUNTIME_OVERHEAD_BYTES` (1 MiB), a constant calibrated once against
+  :func:`memfl.memory.measure.measure` (CPU, glibc with ``MALLOC_MMAP_THRESHOLD_=65536``, whose
+  child pages in the libraries with a throw-away batch-2 step before its baseline). It stands for
+  runtime state the measured steps create that is no tensor and invisible to the profiler:
+  oneDNN primitives JIT-compiled for the new (target-batch) shapes, which stay in oneDNN's
+  primitive cache (~0.1-0.2 MiB per distinct convolution configuration, so ResNet-18 and ResNet-34
+  cost the same), MKL's GEMM buffer pool growing for larger matrices (transformers), glibc heap
+  kept by small allocations and the 4 KiB rounding of ``mmap``-ed blocks. Measured minus
+  estimated-without-overhead, 2 threads, torch 2.13: batch 32 / 128: cnn 0.4 / 0.6 MiB, VGG-11
+  1.0 / 1.2, VGG-16 1.6 / 1.8, ResNet-18 2.4 / 2.4, ResNet-34 2.4 / 2.7, ViT-tiny 3.5 / 3.8;
+  ResNet-18 ScaleFL stages and hybrid recompute/compress plans at batch 32: 1.3-3.4; a two-conv
+  test model ~0. The constant sits at the small end on purpose: the overhead only matters,
+  relatively, for small models (cnn at batch 32 peaks at ~21 MiB), and for the large ones the
+  remaining +-3 MiB is < 1%. It means nothing on CUDA, where the measurement counts allocator
+  bytes only (set it to 0 there if it matters).
 
 Remaining error sources (all small against the 10% goal on the shipped models): the overhead
-constant (+-3 MiB, relatively largest for tiny models); allocations made on OpenMP worker threads
-(not seen by the profiler); oneDNN choosing a different algorithm/scratchpad at the requested batch
-than at the profiled ones (bounded by one scratchpad, a few hundred KiB here); a single-threaded
-run with 1x1 convolutions below batch 16 uses PyTorch's native conv instead of oneDNN; RSS counts
-untouched pages of fresh ``mmap``-s as zero and rounds every block to 4 KiB.
+constant (-1 to +3 MiB, see above; relatively largest for small models); allocations made on
+OpenMP worker threads (not seen by the profiler); oneDNN choosing a different algorithm or
+scratchpad at the requested batch than at the profiled ones (bounded by one scratchpad, a few
+hundred KiB here); a single-threaded run with 1x1 convolutions below batch 16 uses PyTorch's
+native convolution instead of oneDNN; RSS counts untouched pages of a fresh ``mmap`` as zero and
+rounds every block up to 4 KiB. If the memory profiler cannot run (another profiler is active)
+the timeline is replaced by the conservative ``activations + gradients``.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import difflib
+import os
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
@@ -87,8 +97,8 @@ from memfl.engine import TrainStep, prepare
 from memfl.protocol import Plan
 
 MiB = 2**20
-#: Runtime state created during the first training step that is not a tensor (see module doc).
-RUNTIME_OVERHEAD_BYTES = 3 * MiB
+#: Runtime state the training steps create that is not a tensor (see the module docstring).
+RUNTIME_OVERHEAD_BYTES = 1 * MiB
 #: Default small batch sizes profiled and extrapolated from.
 PROFILE_BATCHES = (2, 4)
 
@@ -227,16 +237,17 @@ class _SavedCounter:
         return sum(self.seen.values())
 
 
-def _top_saved_tensors_hooks(cm: Any) -> tuple[Any, Any] | None:
+def _top_saved_tensors_hooks(cm: Any) -> tuple[bool, tuple[Any, Any] | None]:
+    """(known, (pack, unpack) or None) of the saved-tensors hooks active inside ``cm``."""
     if isinstance(cm, torch.autograd.graph.saved_tensors_hooks):
-        return cm.pack_hook, cm.unpack_hook
+        return True, (cm.pack_hook, cm.unpack_hook)
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
-        return None
+        return False, None
     try:
-        return top(False)
+        return True, top(False)
     except TypeError:
-        return top()
+        return True, top()
 
 
 @contextmanager
@@ -245,19 +256,22 @@ def counting_saved_tensors(step: TrainStep, counter: _SavedCounter) -> Iterator[
 
     Without a plan context the counting hook is a pass-through. With one, the plan's pack hook is
     called by the counting hook and what it returns is counted (:func:`stored_tensors`); the
-    plan's unpack hook is used unchanged.
+    plan's unpack hook is used unchanged. (If the hooks a plan's context installs cannot be found,
+    ``counter.opaque`` is set and nothing is counted; the estimate then falls back to what the
+    forward leaves allocated.)
     """
     with ExitStack() as stack:
         pack = unpack = None
         if step.saved_tensors is not None:
             cm = step.saved_tensors()
             stack.enter_context(cm)
-            top = _top_saved_tensors_hooks(cm)
-            if top is None:
+            known, top = _top_saved_tensors_hooks(cm)
+            if not known:
                 counter.opaque = True
                 yield
                 return
-            pack, unpack = top
+            if top is not None:
+                pack, unpack = top
 
         if pack is None:
             def hook_pack(t: torch.Tensor) -> Any:
@@ -302,6 +316,7 @@ class _Pass:
     backward_end: int  # index of the first event after the backward
     activations: int
     opaque: bool
+    profiled: bool = True
 
 
 def _memory_events(prof: Any) -> tuple[list[tuple[str, int]], int, int]:
@@ -314,9 +329,10 @@ def _memory_events(prof: Any) -> tuple[list[tuple[str, int]], int, int]:
             continue
         items.append((e.start_ns(), 1 if is_mem else 0, -e.duration_ns(), e))
     items.sort(key=lambda it: it[:3])
-    stacks: dict[int, list[Any]] = {}
+    stacks: dict[int, list[Any]] = {}  # open ops per thread: a memory event belongs to the top
     out: list[tuple[str, int]] = []
-    marks: dict[str, int] = {}
+    mark_end: dict[str, int] = {}
+    mem_starts: list[int] = []
     for start, is_mem, _, e in items:
         stack = stacks.setdefault(e.start_thread_id(), [])
         while stack and stack[-1].end_ns() < start:
@@ -325,40 +341,80 @@ def _memory_events(prof: Any) -> tuple[list[tuple[str, int]], int, int]:
             op = stack[-1].name() if stack else "-"
             nbytes = int(e.nbytes())
             out.append((f"{op}{'+' if nbytes > 0 else '-'}", nbytes))
+            mem_starts.append(start)
         else:
-            name = e.name()
-            if name in (_FORWARD_MARK, _BACKWARD_MARK):
-                marks[name] = len(out)
-                # index of the first event after this mark's range, resolved below
-                marks[name + ":end"] = e.end_ns()
+            if e.name() in (_FORWARD_MARK, _BACKWARD_MARK):
+                mark_end[e.name()] = e.end_ns()
             stack.append(e)
-    # boundaries: count the memory events that start before each mark ends
-    mem_starts = [start for start, is_mem, _, e in items if is_mem]
-    fwd_end = sum(1 for s in mem_starts if s <= marks.get(_FORWARD_MARK + ":end", -1))
-    bwd_end = sum(1 for s in mem_starts if s <= marks.get(_BACKWARD_MARK + ":end", -1))
+    # boundaries: the number of memory events before each marked range ends
+    fwd_end = bisect.bisect_right(mem_starts, mark_end.get(_FORWARD_MARK, -1))
+    bwd_end = bisect.bisect_right(mem_starts, mark_end.get(_BACKWARD_MARK, -1))
     return out, fwd_end, bwd_end
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: kineto prints ``USDT: ... profiler_start`` /
+    ``profiler_stop`` lines from C++ on every profiler start and stop, whatever its log level.
+    Only the profiler's enter/exit run inside this (nothing of the model)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _profile_pass(step: TrainStep, exclude: set[Any], input_shape: tuple[int, ...], batch: int,
-                  num_classes: int, dtype: torch.dtype) -> _Pass:
+                  num_classes: int, dtype: torch.dtype, use_profiler: bool = True) -> _Pass:
+    """One forward (counting saved tensors) + backward at ``batch``, under the memory profiler."""
     from torch.autograd.profiler import profile, record_function
 
     x = torch.randn(batch, *input_shape[1:], dtype=dtype)
     y = torch.randint(0, num_classes, (batch,))
-    counter = _SavedCounter(exclude | {_storage_key(x)})
+    counter = _SavedCounter(exclude | {_storage_key(x), _storage_key(y)})
     for _, p in step.trainable:
         p.grad = None
-    with profile(profile_memory=True, use_kineto=True) as prof:
+
+    def run() -> None:
         with record_function(_FORWARD_MARK):
             with counting_saved_tensors(step, counter):
                 loss, per_sample = step.loss(x, y)
         with record_function(_BACKWARD_MARK):
             loss.backward()
-        del loss, per_sample
+
+    events: list[tuple[str, int]] | None = None
+    fwd_end = bwd_end = 0
+    if use_profiler:
+        try:
+            prof = profile(profile_memory=True, use_kineto=True)
+            with _quiet_stderr():
+                prof.__enter__()
+        except (RuntimeError, AssertionError):  # e.g. another profiler is already running
+            prof = None
+        if prof is not None:
+            try:
+                run()
+            finally:
+                with _quiet_stderr():
+                    prof.__exit__(None, None, None)
+            events, fwd_end, bwd_end = _memory_events(prof)
+    if events is None:
+        run()
     for _, p in step.trainable:
         p.grad = None
-    events, fwd_end, bwd_end = _memory_events(prof)
-    return _Pass(batch, events, fwd_end, bwd_end, counter.total, counter.opaque)
+    return _Pass(batch, events if events is not None else [], fwd_end, bwd_end, counter.total,
+                 counter.opaque, profiled=events is not None)
 
 
 def _extrapolate(pa: _Pass, pb: _Pass, batch: int) -> tuple[list[int], int, int]:
@@ -428,7 +484,7 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
 
     work = copy.deepcopy(model).cpu()
     work.train()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)
         step = prepare(work, plan)
         held = list(step.module.parameters()) + list(step.module.buffers())
@@ -444,7 +500,8 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
 
         a, b = sorted(int(s) for s in profile_batches)
         if not 1 <= a < b:
-            raise ValueError(f"profile_batches must be two distinct sizes >= 1, got {profile_batches}")
+            raise ValueError(
+                f"profile_batches must be two distinct sizes >= 1, got {profile_batches}")
         sizes = [batch] if batch <= b else [a, b]
         passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype) for s in sizes]
     parameters = tensor_bytes(held)
@@ -454,11 +511,12 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
     del work, step, held, trainable
 
     pa, pb = passes[0], passes[-1]
-    events, fwd_end, bwd_end = _extrapolate(pa, pb, batch)
+    profiled = pa.profiled and pb.profiled
+    events, fwd_end, bwd_end = _extrapolate(pa, pb, batch) if profiled else ([], 0, 0)
     timeline_peak, peak_at, _ = _running_peak(events)
     after_backward = sum(events[:bwd_end])  # gradients + whatever the step leaves alive
 
-    if pa.opaque:  # the plan's hooks could not be wrapped: what the forward leaves alive
+    if pa.opaque and profiled:  # the plan's hooks could not be wrapped: what the forward keeps
         act_a, act_b = (sum(n for _, n in p.events[:p.forward_end]) for p in (pa, pb))
     else:
         act_a, act_b = pa.activations, pb.activations
@@ -470,6 +528,9 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
 
     x_bytes = batch * _numel(input_shape[1:]) * torch.empty((), dtype=dtype).element_size()
     input_bytes = x_bytes + batch * 8  # int64 labels
+    if not profiled:  # no allocator timeline: assume all activations and gradients coexist
+        timeline_peak, peak_at, fwd_end = activations + gradients, 1, 0
+        after_backward = gradients
     step_phase = input_bytes + timeline_peak
     opt_phase = input_bytes + max(after_backward, 0) + optimizer_temp
     if step_phase >= opt_phase:

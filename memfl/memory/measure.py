@@ -9,16 +9,22 @@ is counted. In the child:
 1. ``import torch``; the thread count is set to the parent's ``torch.get_num_threads()`` so both
    sides (and :func:`memfl.memory.estimate.estimate`, which runs in the parent) see the same
    oneDNN/OpenMP behaviour.
-2. Runtime warm-up, not counted: a tiny conv forward/backward + SGD step (thread pools, oneDNN
-   and MKL initialisation), and one *throw-away* ``model_fn()`` call with a no-grad forward at
-   batch 2 (imports done lazily by the model builder, the number of classes read from the output).
-   Everything is deleted and ``gc.collect()``-ed.
+2. Runtime warm-up, not counted: a *throw-away* ``model_fn()`` model: a no-grad forward at batch 2
+   (imports done lazily by the builder; the number of classes is read from its output) and one
+   training step at batch 2 under the same plan and optimizer, so that the library code of every
+   op the step uses is paged in (``libtorch_cpu`` alone pages in several MiB of code on first use
+   of the quantisation, pooling, attention... kernels: file-backed RSS, not training memory) and
+   the runtime's pools exist; then a tiny conv/BN/linear training step (thread pools, oneDNN and
+   MKL initialisation, should the model use none). Everything is deleted and ``gc.collect()``-ed.
 3. **Baseline** is recorded here, *before* the measured model is built, so the peak includes the
    parameters and buffers (as :class:`~memfl.memory.estimate.MemoryEstimate` does).
 4. Build the model, ``engine.prepare(model, plan)``, the optimizer (``make_optimizer``, lr 0.01,
-   no weight decay), a random input batch of ``input_shape`` and random labels, then ``steps``
-   iterations of ``zero_grad(set_to_none=True); loss = step.loss(x, y)[0]; loss.backward();
-   opt.step()``.
+   ``weight_decay``), a random input batch of ``input_shape`` and random labels, then ``steps``
+   iterations of ``opt.zero_grad(set_to_none=True); loss = step.loss(x, y)[0]; loss.backward();
+   opt.step()``, the forward inside ``step.saved_tensors()`` when the step has one (as the
+   trainer does). The model returned by ``model_fn`` stays referenced during the steps: a client
+   that holds only part of a model (a ScaleFL stage) must be built that way by ``model_fn``
+   (e.g. ``memfl.scalefl.stage_client_factory``).
 5. ``peak_bytes`` = high-water mark during 4. minus the baseline.
 
 CPU: resident set size. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every
@@ -29,11 +35,15 @@ mark is reset with ``/proc/self/clear_refs`` (value 5) right at the baseline and
 thread polls ``VmRSS`` every 0.5 ms instead (may miss very short peaks; ``device`` then reads
 ``cpu (sampled)``).
 
-Known differences between RSS and live tensor bytes (all small here): pages of a fresh ``mmap``
-that are never touched are not resident; small (< 64 KiB) allocations come from the glibc heap and
-can stay resident after being freed (fragmentation); oneDNN JIT-compiles kernels for every new
-convolution shape during the first step (code pages, a few hundred KiB per primitive) and keeps
-them in its primitive cache; the Python objects of the model/optimizer.
+Known differences between RSS and live tensor bytes (about 0-4 MiB in all, see
+``memfl.memory.estimate.RUNTIME_OVERHEAD_BYTES``): oneDNN JIT-compiles kernels for every new
+convolution shape (the target batch) and keeps them in its primitive cache; MKL's GEMM buffer pool
+grows for larger matrices; small (< 64 KiB) allocations come from the glibc heap and can stay
+resident after being freed; every ``mmap``-ed block is rounded up to 4 KiB, and pages never
+touched are not resident; the Python objects of the model and optimizer.
+
+The parent process must be importable by the spawned child: scripts that call :func:`measure`
+at import time need the usual ``if __name__ == "__main__":`` guard.
 
 CUDA (``device="cuda"``): ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
 at the baseline, minus ``memory_allocated`` at the baseline (the caching allocator's *allocated*
@@ -45,6 +55,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -139,13 +150,45 @@ def _warm_up_runtime(torch: Any, device: str) -> None:
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
         out = lin(torch.relu(bn(conv(x))).mean((2, 3)))
-        torch.nn.functional.cross_entropy(out, torch.zeros(4, dtype=torch.long, device=device)).backward()
+        target = torch.zeros(4, dtype=torch.long, device=device)
+        torch.nn.functional.cross_entropy(out, target).backward()
         opt.step()
+
+
+def _train_step(step: Any, opt: Any, x: Any, y: Any) -> None:
+    opt.zero_grad(set_to_none=True)
+    if step.saved_tensors is not None:
+        with step.saved_tensors():
+            loss, _ = step.loss(x, y)
+    else:
+        loss, _ = step.loss(x, y)
+    loss.backward()
+    opt.step()
+
+
+def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[int, ...],
+                   optimizer: str, plan: Plan | None, device: str, momentum: float,
+                   weight_decay: float) -> int:
+    """One throw-away training step of a throw-away model at batch 2; returns num_classes."""
+    from memfl.engine import make_optimizer, prepare
+
+    model = model_fn().to(device)
+    model.train()
+    small = min(2, input_shape[0])
+    with torch.no_grad():
+        num_classes = int(model(torch.randn(small, *input_shape[1:], device=device)).shape[-1])
+    step = prepare(model, plan)
+    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum,
+                         weight_decay=weight_decay)
+    x = torch.randn(small, *input_shape[1:], device=device)
+    y = torch.randint(0, num_classes, (small,), device=device)
+    _train_step(step, opt, x, y)
+    return num_classes
 
 
 def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], optimizer: str,
                    plan: Plan | None, steps: int, device: str, momentum: float,
-                   num_threads: int) -> dict[str, Any]:
+                   weight_decay: float, num_threads: int) -> dict[str, Any]:
     import gc
 
     import torch
@@ -155,14 +198,12 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
+    # Throw-away model first (a failing model_fn fails fast): lazy imports of the builder, the
+    # number of classes, and one training step at batch 2 so the code and pools of every op the
+    # step uses are paged in / created before the baseline (library state, not training memory).
+    num_classes = _warm_up_model(torch, model_fn, input_shape, optimizer, plan, device, momentum,
+                                 weight_decay)
     _warm_up_runtime(torch, device)
-
-    # Throw-away build: lazy imports/initialisation of the builder, number of classes.
-    probe = model_fn().to(device)
-    probe.eval()
-    with torch.no_grad():
-        num_classes = int(probe(torch.randn(2, *input_shape[1:], device=device)).shape[-1])
-    del probe
     gc.collect()
 
     tracker = _CpuPeak()
@@ -176,28 +217,22 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     model = model_fn().to(device)
     model.train()
     step = prepare(model, plan)
-    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum)
+    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum,
+                         weight_decay=weight_decay)
     x = torch.randn(*input_shape, device=device)
     y = torch.randint(0, num_classes, (input_shape[0],), device=device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        if step.saved_tensors is not None:
-            with step.saved_tensors():
-                loss, _ = step.loss(x, y)
-        else:
-            loss, _ = step.loss(x, y)
-        loss.backward()
-        opt.step()
-        del loss
+        _train_step(step, opt, x, y)
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
 
     if cuda:
         peak = int(torch.cuda.max_memory_allocated(device)) - baseline
-        where = str(torch.device(device)) if ":" in device else f"cuda:{torch.cuda.current_device()}"
+        where = (str(torch.device(device)) if ":" in device
+                 else f"cuda:{torch.cuda.current_device()}")
     else:
         peak = tracker.peak() - baseline
         where = "cpu" if tracker.exact else "cpu (sampled)"
@@ -221,14 +256,14 @@ def _child_main(conn: Any, args: tuple) -> None:
 
 def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimizer: str = "sgd",
             plan: Plan | None = None, steps: int = 3, device: str = "cpu", momentum: float = 0.9,
-            timeout: float = 600) -> MemoryMeasurement:
+            timeout: float = 600, weight_decay: float = 0.0) -> MemoryMeasurement:
     """Peak memory of ``steps`` real training steps of ``model_fn()`` in a fresh subprocess.
 
     model_fn:    picklable zero-argument callable returning the model (a module-level function or
                  ``functools.partial(memfl.models.build_model, name, ...)``).
     input_shape: input batch shape including the batch, e.g. ``(32, 1, 28, 28)``; labels are random
                  in ``[0, num_classes)`` with ``num_classes`` read from the model's output.
-    optimizer:   ``"sgd"`` (with ``momentum``) or ``"adam"``; lr 0.01, no weight decay.
+    optimizer:   ``"sgd"`` (with ``momentum``) or ``"adam"``; lr 0.01, ``weight_decay``.
     plan:        the training plan (default full training); the step comes from
                  :func:`memfl.engine.prepare`, and its ``saved_tensors`` context (if any) wraps the
                  forward, as in the trainer.
@@ -241,10 +276,12 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     args = (model_fn, tuple(int(s) for s in input_shape), optimizer, plan, int(steps), device,
-            float(momentum), int(torch.get_num_threads()))
+            float(momentum), float(weight_decay), int(torch.get_num_threads()))
     proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True,
                        name="memfl-measure")
     # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only.
@@ -252,6 +289,12 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     try:
         proc.start()
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        parent_conn.close()
+        child_conn.close()
+        raise TypeError(f"measure: model_fn and plan must be picklable (a module-level function "
+                        f"or a functools.partial of one, not a lambda or local function): "
+                        f"{err}") from err
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +29,7 @@ from memfl.config import Config, ConfigError
 from memfl.data import Dataset, assign_budgets, load_dataset, make_synthetic, partition
 from memfl.engine.trainer import LocalTrainer, evaluate
 from memfl.memory import estimate
+from memfl.memory.budget import federation_budgets
 from memfl.models import build_model
 from memfl.protocol import HyperParams, Plan, Result
 from memfl.strategies import STRATEGIES, ClientInfo, FederationContext, Strategy
@@ -94,7 +95,7 @@ def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
         model = model_fn(plan)
         shape = (config.train.batch_size, *input_shape)
         return estimate(model, shape, optimizer=config.train.optimizer, plan=plan,
-                        momentum=config.train.momentum).peak_bytes
+                        momentum=config.train.momentum, weight_decay=config.train.weight_decay).peak_bytes
 
     return FederationContext(
         model_fn=model_fn, input_shape=tuple(input_shape), num_classes=num_classes,
@@ -112,8 +113,23 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _same_experiment(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether ``current`` continues the run ``saved`` describes: every saved setting but
+    ``run.rounds`` is unchanged (settings a newer memfl added, absent from ``saved``, are ignored)."""
+    for section, values in saved.items():
+        now = current.get(section, {})
+        for key, value in values.items():
+            if (section, key) != ("run", "rounds") and now.get(key) != value:
+                return False
+    return True
+
+
 class Checkpoint:
-    """The global model + results so far in ``out``; written atomically after every round."""
+    """The global model + results so far in ``out``; written atomically after every round.
+
+    Loading checks that the folder holds the same experiment (any setting but ``run.rounds`` may
+    not change), so a finished run can also be extended by asking for more rounds.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -126,10 +142,14 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         state = json.loads(self.state.read_text())
-        if state.get("config") != config.to_json():
+        if not _same_experiment(state.get("config", {}), config.to_json()):
             raise ConfigError(
                 f"{self.out} holds a run with a different configuration; "
                 "use another --out folder, or delete that folder to start over")
+        if len(state["rounds"]) > config.run.rounds:
+            raise ConfigError(
+                f"{self.out} already holds {len(state['rounds'])} rounds, more than run.rounds = "
+                f"{config.run.rounds}; ask for at least that many rounds or use another --out folder")
         return load_file(str(self.tensors)), state
 
     def save(self, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -171,6 +191,8 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
         torch.manual_seed(config.run.seed)
         global_model = model_fn(Plan()).to(config.run.device)
     trainer = LocalTrainer(model_fn, device=config.run.device)
+    # [fedhybrid] contention: per-round real budgets from traces; strategies see predictions
+    budgets = federation_budgets(config, [c.info for c in clients])
 
     params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
     rounds: list[dict[str, Any]] = []
@@ -195,7 +217,9 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
         task = bar.add_task("rounds", total=config.run.rounds, completed=len(rounds))
         for rnd in range(len(rounds) + 1, config.run.rounds + 1):
             t0 = time.perf_counter()
-            instructions = strategy.configure_train(rnd, params, [c.info for c in clients])
+            infos = [c.info if budgets is None else replace(c.info, budget_bytes=budgets.predicted(c.info.id, rnd))
+                     for c in clients]
+            instructions = strategy.configure_train(rnd, params, infos)
             results: list[Result] = []
             records: list[dict[str, Any]] = []
             for i, ins in enumerate(instructions):
@@ -205,6 +229,14 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
                     "id": ins.client_id, "device": client.info.device, "budget_bytes": client.info.budget_bytes,
                     "plan": ins.plan.label, "predicted_peak_bytes": ins.predicted_peak_bytes,
                 }
+                if budgets is not None:  # the OS kills a client whose peak exceeds its real budget
+                    real = budgets.real(ins.client_id, rnd)
+                    rec.update(predicted_budget_bytes=ins.budget_bytes, real_budget_bytes=real,
+                               budget_violation=(ins.predicted_peak_bytes or 0) > real)
+                    if rec["budget_violation"]:
+                        rec.update(status="oom", error="predicted peak above the real budget")
+                        records.append(rec)
+                        continue
                 try:
                     res = trainer.fit(ins, client.x, client.y)
                 except Exception as err:  # a failing client must not kill the run
@@ -268,5 +300,6 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "virtual_seconds": rounds[-1]["virtual_seconds"] if rounds else 0.0,
         "wall_seconds": sum(r["round_seconds"] for r in rounds),
         "failed_clients": sum(r["failed"] for r in rounds),
+        "budget_violations": sum(1 for r in rounds for c in r["clients"] if c.get("budget_violation")),
         "participants": sum(len(r["clients"]) for r in rounds),
     }

@@ -16,4 +16,11 @@ from memfl.strategies.scalefl import ScaleFL  # noqa: E402
 STRATEGIES["heterofl"] = HeteroFL
 STRATEGIES["scalefl"] = ScaleFL
 
+from memfl.strategies.fedhybrid import FedHybrid, OortBaseline, OortFedProx, RandomBaseline  # noqa: E402
+
+STRATEGIES["fedhybrid"] = FedHybrid
+STRATEGIES["random"] = RandomBaseline
+STRATEGIES["oort"] = OortBaseline
+STRATEGIES["oort+fedprox"] = OortFedProx
+
 __all__ = ["STRATEGIES", "ClientInfo", "Exclusive", "FederationContext", "Strategy", "round_seed"]

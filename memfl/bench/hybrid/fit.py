@@ -1,0 +1,207 @@
+"""Benchmark ``hybrid-fit``: does the planner's plan fit, and what does it cost?
+
+ResNet-18 at 3x32x32, batch 64, SGD with momentum 0.9 (``--quick``: width 0.25, batch 16). The
+full-training peak is *measured* (fresh subprocess, peak RSS); budgets are 75/50/35/25% of it. For
+each budget the planner (exact ILP, verified against ``memfl.memory.estimate`` with the default 3%
+margin) gives a plan, or says the budget is infeasible and names the smallest feasible budget.
+Each plan is measured for real (peak RSS and step time); its step time is divided by a full-
+training step measured right before it (paired, so that the load of the shared machine affects
+both alike). Baselines, measured the same way: recompute every segment, and uniform 2-bit
+compression of every segment. A row of the smallest-peak plan shows the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from memfl.bench.hybrid.common import machine, mb, mode_summary
+from memfl.hybrid.cli import estimator
+from memfl.hybrid.planner import (
+    DEFAULT_MARGIN,
+    InfeasibleBudget,
+    min_peak_choice,
+    plan_for_budget,
+    uniform_plan,
+)
+from memfl.hybrid.profile import plan_seconds, profile_model
+from memfl.memory import measure
+from memfl.models import build_model
+from memfl.protocol import Plan
+
+FRACTIONS = (0.75, 0.5, 0.35, 0.25)
+GOAL_RATIO_AT_HALF = 1.3
+
+
+def synthetic_profile(segments: int, seed: int = 0):
+    """A chain of ``segments`` conv-like segments (each saves its input, shared with the previous
+    segment's ReLU output, and two more activations) with random sizes and times: for timing the
+    solver on models larger than the shipped ones."""
+    import numpy as np
+
+    from memfl.hybrid.profile import ModelProfile, SavedTensor, SegmentProfile
+
+    rng = np.random.default_rng(seed)
+    segs, tensors = [], []
+    for i in range(segments):
+        c, hw = int(rng.choice([16, 32, 64, 128])), int(rng.choice([4, 8, 16, 32]))
+        shape = (32, c, hw, hw)
+        nbytes = 4 * 32 * c * hw * hw
+        segs.append(SegmentProfile(name=f"s{i}", fwd_seconds=float(rng.uniform(0.005, 0.05)),
+                                   pack_seconds={"q8": nbytes * 2e-9, "q4": nbytes * 3e-9, "q2": nbytes * 4e-9},
+                                   largest_bytes=nbytes, param_bytes=4 * 9 * c * c))
+        # the ReLU output of segment i, saved by i and by i + 1 (its input)
+        tensors.append(SavedTensor(nbytes=nbytes, shape=shape, kind="float", relu=True,
+                                   savers=[i] + ([i + 1] if i + 1 < segments else []),
+                                   inputs_of=[i + 1] if i + 1 < segments else []))
+        tensors.append(SavedTensor(nbytes=nbytes, shape=shape, kind="float", savers=[i]))
+    params = sum(sg.param_bytes for sg in segs)
+    return ModelProfile(input_shape=(32, 3, 32, 32), optimizer="sgd", momentum=0.9, segments=segs,
+                        tensors=tensors, param_bytes=params, grad_bytes=params, optimizer_bytes=params,
+                        buffer_bytes=0, input_bytes=0, step_seconds=1.0)
+
+
+def solver_scaling(sizes=(9, 17, 50, 100, 200)) -> list[dict[str, Any]]:
+    """Wall time of the exact ILP (HiGHS) on synthetic chains, at a budget halfway between the
+    smallest peak and full training."""
+    from memfl.hybrid.planner import min_feasible, solve
+    from memfl.hybrid.profile import plan_memory
+
+    rows = []
+    for n in sizes:
+        prof = synthetic_profile(n)
+        lo, hi = min_feasible(prof), plan_memory(prof, {})["peak_bytes"]
+        t0 = time.perf_counter()
+        c = solve(prof, (lo + hi) / 2)
+        rows.append({"segments": n, "binaries": n * 5, "seconds": time.perf_counter() - t0,
+                     "step_time_ratio": c.step_time_ratio})
+    return rows
+
+
+def _paired(factory, shape, plan: Plan, steps: int) -> dict[str, Any]:
+    """Measure full training, then ``plan``, back to back; the step-time ratio of the pair."""
+    full = measure(factory, shape, plan=Plan(), steps=steps)
+    m = measure(factory, shape, plan=plan, steps=steps)
+    return {"measured_peak_bytes": m.peak_bytes, "step_seconds": m.step_seconds,
+            "full_step_seconds": full.step_seconds, "full_peak_bytes": full.peak_bytes,
+            "step_time_ratio": m.step_seconds / full.step_seconds}
+
+
+def run(out: Path, quick: bool) -> dict[str, Any]:
+    width, batch, steps = (0.25, 16, 3) if quick else (1.0, 64, 4)
+    shape = (batch, 3, 32, 32)
+    factory = partial(build_model, "resnet18", in_channels=3, num_classes=10, image_size=32, width=width)
+    t0 = time.time()
+    prof = profile_model(factory(), shape, optimizer="sgd", momentum=0.9, timing=True)
+    est = estimator(factory, shape, "sgd", 0.9)
+    full_est = est(Plan())
+    full = measure(factory, shape, plan=Plan(), steps=steps)
+    print(f"[hybrid-fit] full training: estimated {mb(full_est)} MB, measured {mb(full.peak_bytes)} MB, "
+          f"step {full.step_seconds:.2f} s", flush=True)
+
+    baselines: dict[str, dict[str, Any]] = {}
+    for name, plan in (("recompute_all", uniform_plan(prof, "recompute")),
+                       ("uniform_2bit", uniform_plan(prof, "q2", mixed=False))):
+        baselines[name] = {"plan": plan.to_json(), "predicted_peak_bytes": est(plan),
+                           "predicted_step_time_ratio": 1 + plan_seconds(prof, plan.segments) / prof.step_seconds,
+                           **_paired(factory, shape, plan, steps)}
+        b = baselines[name]
+        print(f"[hybrid-fit] {name}: measured {mb(b['measured_peak_bytes'])} MB, {b['step_time_ratio']:.2f}x",
+              flush=True)
+
+    lowest = min_peak_choice(prof)
+    floor = {"modes": lowest.modes, "predicted_peak_bytes": est(lowest.plan),
+             "predicted_step_time_ratio": lowest.step_time_ratio, **_paired(factory, shape, lowest.plan, steps)}
+    floor["smallest_feasible_budget_bytes"] = int(floor["predicted_peak_bytes"] / (1 - DEFAULT_MARGIN)) + 1
+    print(f"[hybrid-fit] smallest-peak plan: predicted {mb(floor['predicted_peak_bytes'])} MB, measured "
+          f"{mb(floor['measured_peak_bytes'])} MB ({floor['measured_peak_bytes'] / full.peak_bytes:.0%} of full)",
+          flush=True)
+
+    rows = []
+    for frac in FRACTIONS:
+        budget = int(frac * full.peak_bytes)
+        row: dict[str, Any] = {"fraction": frac, "budget_bytes": budget}
+        try:
+            choice = plan_for_budget(prof, budget, estimate_fn=est, margin=DEFAULT_MARGIN)
+        except InfeasibleBudget as err:
+            row.update(feasible=False, min_feasible_bytes=err.min_feasible_bytes, error=str(err))
+        else:
+            row.update(feasible=True, plan=choice.plan.to_json(), modes=choice.modes,
+                       predicted_peak_bytes=choice.predicted_peak_bytes,
+                       predicted_step_time_ratio=choice.step_time_ratio,
+                       solve_seconds=choice.solve_seconds, **_paired(factory, shape, choice.plan, steps))
+            row["fits"] = row["measured_peak_bytes"] <= budget
+        for name, b in baselines.items():
+            row[f"{name}_fits"] = b["measured_peak_bytes"] <= budget
+        rows.append(row)
+        print(f"[hybrid-fit] {frac:.0%}: " + (
+            f"measured {mb(row['measured_peak_bytes'])} / {mb(budget)} MB, {row['step_time_ratio']:.2f}x"
+            if row["feasible"] else row["error"]), flush=True)
+
+    half = next(r for r in rows if r["fraction"] == 0.5)
+    scaling = solver_scaling((9, 17, 50) if quick else (9, 17, 50, 100, 200))
+    summary = {
+        "model": "resnet18", "width": width, "input_shape": list(shape), "optimizer": "sgd, momentum 0.9",
+        "margin": DEFAULT_MARGIN, "machine": machine(), "seconds": time.time() - t0,
+        "full": {"estimated_peak_bytes": full_est, "measured_peak_bytes": full.peak_bytes,
+                 "step_seconds": full.step_seconds, "profiled_step_seconds": prof.step_seconds},
+        "baselines": baselines, "floor": floor, "rows": rows, "solver_scaling": scaling,
+        "all_fit": all(r.get("fits", True) for r in rows),
+        "goal": {"ratio_at_half": GOAL_RATIO_AT_HALF,
+                 "met": bool(half["feasible"] and half["step_time_ratio"] <= GOAL_RATIO_AT_HALF)},
+    }
+    (out / "hybrid-fit.json").write_text(json.dumps(summary, indent=1))
+    (out / "hybrid-fit.md").write_text(_markdown(summary, out, quick))
+    return summary
+
+
+def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
+    full = s["full"]
+    lines = [
+        "### Fit: plans under a budget",
+        "",
+        f"Command: `memfl bench hybrid-fit --out {out}{' --quick' if quick else ''}` "
+        f"(torch {s['machine']['torch']}, {s['machine']['threads']} threads, 1-min load "
+        f"{s['machine']['load_1min']:.1f} at the start)",
+        "",
+        f"ResNet-18 (width {s['width']}) at {'x'.join(map(str, s['input_shape'][1:]))}, batch "
+        f"{s['input_shape'][0]}, SGD momentum 0.9. Full training: measured peak {mb(full['measured_peak_bytes'])} MB "
+        f"(estimated {mb(full['estimated_peak_bytes'])} MB), step {full['step_seconds']:.2f} s. Budgets are "
+        f"fractions of the measured peak; plans are verified against the estimator with a "
+        f"{s['margin']:.0%} margin, then measured in a fresh subprocess (peak RSS). Step-time ratios are "
+        "against a full-training step measured right before (paired).",
+        "",
+        "| budget | plan | predicted peak MB | measured peak MB | fits | step time vs full (measured / predicted) "
+        "| recompute-all fits | uniform 2-bit fits |",
+        "|---|---|---:|---:|:-:|---:|:-:|:-:|",
+    ]
+    for r in s["rows"]:
+        head = f"| {r['fraction']:.0%} ({mb(r['budget_bytes'])} MB) "
+        base = f"| {'yes' if r['recompute_all_fits'] else 'no'} | {'yes' if r['uniform_2bit_fits'] else 'no'} |"
+        if not r["feasible"]:
+            lines.append(head + f"| infeasible: smallest feasible budget {mb(r['min_feasible_bytes'])} MB "
+                         f"({r['min_feasible_bytes'] / full['measured_peak_bytes']:.0%}) | - | - | - | - " + base)
+            continue
+        lines.append(head + f"| {mode_summary(r['modes'])} | {mb(r['predicted_peak_bytes'])} | "
+                     f"{mb(r['measured_peak_bytes'])} | {'yes' if r['fits'] else '**no**'} | "
+                     f"{r['step_time_ratio']:.2f}x / {r['predicted_step_time_ratio']:.2f}x " + base)
+    lines += ["", "| baseline / floor | predicted peak MB | measured peak MB | % of full | step time vs full (measured / predicted) |",
+              "|---|---:|---:|---:|---:|"]
+    for name, b in (("recompute everything", s["baselines"]["recompute_all"]),
+                    ("uniform 2-bit everywhere", s["baselines"]["uniform_2bit"]),
+                    ("smallest-peak plan (" + mode_summary(s["floor"]["modes"]) + ")", s["floor"])):
+        lines.append(f"| {name} | {mb(b['predicted_peak_bytes'])} | {mb(b['measured_peak_bytes'])} | "
+                     f"{b['measured_peak_bytes'] / full['measured_peak_bytes']:.0%} | "
+                     f"{b['step_time_ratio']:.2f}x / {b['predicted_step_time_ratio']:.2f}x |")
+    half = next(r for r in s["rows"] if r["fraction"] == 0.5)
+    verdict = ("met" if s["goal"]["met"] else "**not met**") + (
+        f" ({half['step_time_ratio']:.2f}x)" if half["feasible"] else " (the 50% budget is infeasible)")
+    lines += ["", "Solver (exact ILP, HiGHS) on synthetic chains, 5 modes per segment, budget halfway between "
+              "the smallest peak and full training: " + ", ".join(
+                  f"{r['segments']} segments {1000 * r['seconds']:.0f} ms" for r in s["solver_scaling"]) + "."]
+    lines += ["", f"Goal: at 50% of the full peak, <= {s['goal']['ratio_at_half']}x the full step time: {verdict}. "
+              f"Measured peak <= budget in every feasible row: {'yes' if s['all_fit'] else '**no**'}.", ""]
+    return "\n".join(lines)

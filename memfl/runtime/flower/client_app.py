@@ -1,0 +1,279 @@
+"""The ClientApp: one SuperNode is one memfl client, training with memfl's LocalTrainer.
+
+A SuperNode says who it is with ``--node-config`` (values are TOML-typed)::
+
+    flower-supernode ... --node-config 'partition-id=3 num-partitions=10 memory-mb=512 device="rpi4-4gb"'
+
+========================  =================================================================
+``partition-id``          which client it is: its share of the data set (required)
+``num-partitions``        how many shares the data set is cut into (default: ``memfl.run.clients``)
+``memory-mb``             its training memory budget in MiB (float allowed)
+``device``                its device profile name (``memfl.data.DEVICES``; unknown names keep speed 1)
+``speed``                 relative compute speed, overriding the profile's
+``data-dir``              where the data set lies on this machine (default: ``memfl.run.data_dir``)
+``torch-device``          ``cpu`` or ``cuda`` (default: ``memfl.run.device``)
+``enforce-budget``        ``true``: refuse a plan whose predicted peak exceeds ``memory-mb``
+========================  =================================================================
+
+A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
+the memory the OS reports available now (``MemAvailable``). The node cuts its share with
+:func:`memfl.data.partition` from the run's seed, so it trains on exactly the samples the
+simulator gives client ``partition-id``.
+
+Two handlers:
+
+- ``query``: the node describes itself (partition, sample count, budget, device, input shape).
+  The ServerApp asks before it plans: Flower tells the server nothing but random node ids.
+- ``train``: one :class:`~memfl.protocol.Instruction` in, one :class:`~memfl.protocol.Result` out,
+  plus what the node measured (its timings, its peak RSS during training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from memfl.config import Config, build_config
+from memfl.runtime.flower.appconfig import AppSettings
+from memfl.runtime.flower.serde import (
+    METRICS,
+    content_to_instruction,
+    info_to_content,
+    result_to_content,
+)
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What one SuperNode declares (or is given) about itself."""
+
+    partition_id: int
+    num_partitions: int
+    device: str
+    speed: float
+    budget_bytes: int
+    budget_source: str  # "declared" | "profile" | "measured"
+    data_dir: str | None = None
+    torch_device: str = "cpu"
+    enforce_budget: bool = False
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _flag(value: Any) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
+
+
+def node_spec(node_config: Mapping[str, Any], config: Config) -> NodeSpec:
+    """Read ``--node-config`` against the run's config; a clear ValueError for bad values."""
+    from memfl.data import DEVICES
+
+    if "partition-id" not in node_config:
+        raise ValueError("this SuperNode declares no partition-id: start it with "
+                         "--node-config 'partition-id=I num-partitions=N ...'")
+    try:
+        pid = int(node_config["partition-id"])
+        parts = int(node_config.get("num-partitions", config.run.clients))
+    except (TypeError, ValueError):
+        raise ValueError(f"node-config partition-id / num-partitions must be integers, got {dict(node_config)}") from None
+    if not 0 <= pid < parts:
+        raise ValueError(f"node-config partition-id={pid} is outside 0..{parts - 1} (num-partitions={parts})")
+    device = str(node_config.get("device", "unknown"))
+    profile = DEVICES.get(device.strip().lower())
+    speed = float(node_config.get("speed", profile.speed if profile else 1.0))
+    if "memory-mb" in node_config:
+        mb = float(node_config["memory-mb"])
+        if mb <= 0:
+            raise ValueError(f"node-config memory-mb must be positive, got {mb}")
+        budget, source = int(round(mb * MB)), "declared"
+    elif profile is not None:
+        budget, source = int(profile.usable_bytes), "profile"
+    else:
+        avail = _mem_available()
+        if avail is not None:
+            budget, source = avail, "measured"
+        else:
+            budget, source = int(DEVICES["laptop-8gb"].usable_bytes), "profile"
+    data_dir = node_config.get("data-dir")
+    return NodeSpec(
+        partition_id=pid, num_partitions=parts, device=device, speed=speed, budget_bytes=budget,
+        budget_source=source, data_dir=str(data_dir) if data_dir else None,
+        torch_device=str(node_config.get("torch-device", config.run.device)),
+        enforce_budget=_flag(node_config.get("enforce-budget", False)),
+    )  # other keys are ignored: a node may carry settings for other apps
+
+
+# ----------------------------------------------------------------------------------- data
+@lru_cache(maxsize=2)
+def _dataset(config_json: str):
+    from memfl.runtime.sim import load_data
+
+    return load_data(build_config(json.loads(config_json)))
+
+
+@lru_cache(maxsize=8)
+def _indices(config_json: str, num_partitions: int):
+    from memfl.data import partition
+
+    config = build_config(json.loads(config_json))
+    data = _dataset(config_json)
+    return partition(data.train_y.numpy(), num_partitions, config.run.partition, seed=config.run.seed)
+
+
+def client_data(config: Config, spec: NodeSpec) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    """This node's training share ``(x, y)``, the input shape and the number of classes."""
+    cfg = config.to_json()
+    if spec.data_dir:
+        cfg["run"]["data_dir"] = spec.data_dir
+    key = json.dumps(cfg, sort_keys=True)
+    data = _dataset(key)
+    idx = torch.as_tensor(_indices(key, spec.num_partitions)[spec.partition_id], dtype=torch.long)
+    return data.train_x[idx], data.train_y[idx], tuple(data.input_shape), int(data.num_classes)
+
+
+@lru_cache(maxsize=2)
+def _trainer(config_json: str, input_shape: tuple[int, ...], num_classes: int, device: str):
+    from memfl.engine.trainer import LocalTrainer
+    from memfl.runtime.sim import model_builder
+
+    from memfl.strategies import STRATEGIES
+
+    config = build_config(json.loads(config_json))
+    model_fn = model_builder(config, input_shape, num_classes)
+    wrap = getattr(STRATEGIES[config.run.method], "wrap_model_fn", None)
+    if wrap is not None:  # as the simulator does: the strategy's model around the plain one
+        model_fn = wrap(model_fn, config.to_json())
+    return LocalTrainer(model_fn, device=device)
+
+
+# -------------------------------------------------------------------------------- measuring
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), to see what a fresh ClientApp costs."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the RSS high-water mark (Linux clear_refs); return the current RSS, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+# -------------------------------------------------------------------------------- handlers
+def settings_of(context: Context) -> AppSettings:
+    return AppSettings.from_run_config(context.run_config)
+
+
+def describe(context: Context) -> dict[str, Any]:
+    """The node's answer to the server's query."""
+    import flwr
+
+    import memfl
+
+    config = settings_of(context).config
+    spec = node_spec(context.node_config, config)
+    x, _, shape, classes = client_data(config, spec)
+    return {
+        **asdict(spec),
+        "num_samples": len(x),
+        "input_shape": list(shape),
+        "num_classes": classes,
+        "memory_mb": spec.budget_bytes / MB,
+        "machine": platform.machine(),
+        "versions": {"memfl": getattr(memfl, "__version__", "?"), "torch": torch.__version__,
+                     "flwr": flwr.__version__},
+    }
+
+
+def train(message: Message, context: Context) -> Message:
+    """Run the instruction in ``message`` with memfl's LocalTrainer; reply with the result."""
+    t_enter = time.perf_counter()
+    age = process_age()
+    config = settings_of(context).config
+    spec = node_spec(context.node_config, config)
+    x, y, shape, classes = client_data(config, spec)
+    t_data = time.perf_counter()
+    ins = content_to_instruction(message.content)
+    t_deser = time.perf_counter()
+    if ins.client_id != spec.partition_id:
+        raise ValueError(f"instruction for client {ins.client_id} reached the node of partition {spec.partition_id}")
+    if spec.enforce_budget and ins.predicted_peak_bytes and ins.predicted_peak_bytes > spec.budget_bytes:
+        raise MemoryError(f"plan {ins.plan.label} needs {ins.predicted_peak_bytes / MB:.1f} MiB, more than this "
+                          f"node's budget of {spec.budget_bytes / MB:.1f} MiB (enforce-budget=true)")
+    key = json.dumps(config.to_json(), sort_keys=True)
+    trainer = _trainer(key, shape, classes, spec.torch_device)
+    rss0 = _reset_peak_rss()
+    res = trainer.fit(ins, x, y)
+    peak = _status_bytes("VmHWM") if rss0 is not None else None
+    t_fit = time.perf_counter()
+    extra = {
+        "partition_id": spec.partition_id,
+        "device": spec.device,
+        "budget_bytes": spec.budget_bytes,
+        "budget_source": spec.budget_source,
+        "instruction_budget_bytes": ins.budget_bytes,
+        "rss_before_bytes": rss0,
+        "rss_peak_bytes": peak,
+        "process_age_seconds": age,
+        "data_seconds": t_data - t_enter,
+        "deserialize_seconds": t_deser - t_data,
+        "fit_seconds": t_fit - t_deser,
+    }
+    content = result_to_content(res, extra)
+    content[METRICS]["serialize-seconds"] = time.perf_counter() - t_fit  # type: ignore[index]
+    content[METRICS]["handler-seconds"] = time.perf_counter() - t_enter  # type: ignore[index]
+    return Message(content, reply_to=message)
+
+
+app = ClientApp()
+
+
+@app.query()
+def _query(message: Message, context: Context) -> Message:
+    return Message(info_to_content(describe(context)), reply_to=message)
+
+
+@app.train()
+def _train(message: Message, context: Context) -> Message:
+    return train(message, context)

@@ -1,0 +1,444 @@
+"""A real Flower federation on 127.0.0.1: one SuperLink, N SuperNodes, one ``flwr run``.
+
+:class:`LocalFederation` starts the processes Flower's deployment runtime uses on real machines —
+``flower-superlink`` and ``flower-supernode`` (each with its ``flower-superexec``, which starts the
+``flwr-serverapp`` / ``flwr-clientapp`` processes) — on free loopback ports, insecure and offline:
+
+- a fresh ``FLWR_HOME`` holding a ``config.toml`` with one connection (``local``), so the ``flwr``
+  CLI never writes its default config nor starts a background SuperLink of its own;
+- ``--disable-runtime-dependency-installation`` on the SuperLink, ``FLWR_TELEMETRY_ENABLED=0`` and
+  ``FLWR_DISABLE_UPDATE_CHECK=1`` everywhere: nothing is fetched;
+- every process in its own session, stopped by its process group (SIGTERM, then SIGKILL), on
+  every exit path;
+- readiness: ``/health`` on the SuperLink and on every SuperNode, then ``flwr supernode ls``
+  until all N nodes are online; every wait is bounded.
+
+:func:`run_local` is ``memfl flower local``: it gives node ``i`` the data partition, device and
+memory budget the simulator gives client ``i`` (``memory-mb``/``device`` in its ``--node-config``),
+writes the Flower app for the config, runs it, checks the run's status (``flwr run`` itself does not
+fail when the run does) and returns the ``results.json`` the ServerApp wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from memfl.config import Config, build_config
+from memfl.runtime.flower.appconfig import AppSettings, write_app
+
+CONNECTION = "local"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class FlowerError(RuntimeError):
+    """The local federation could not start, or the run failed or timed out (logs are named)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_config_text(values: Mapping[str, Any]) -> str:
+    """``{"partition-id": 0, "device": "rpi4-4gb"}`` -> ``partition-id=0 device="rpi4-4gb"``."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _bin(name: str) -> str:
+    """The Flower executable next to this Python (a venv's), else the one on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    port: int | None = None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the process group (and the groups of its descendants: the SuperLink starts its
+        ``flower-superexec`` in a session of its own), SIGKILL them after ``grace`` seconds."""
+        groups = [self.popen.pid, *_descendant_groups(self.popen.pid)]
+        if self.popen.poll() is None:
+            for g in groups:
+                _signal_group(g, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for g in groups:  # stray members of the groups too
+            _signal_group(g, signal.SIGKILL)
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _descendant_groups(pid: int) -> list[int]:
+    """Process groups of ``pid``'s descendants other than its own (Linux /proc; else none)."""
+    parent: dict[int, int] = {}
+    group: dict[int, int] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent[int(name)], group[int(name)] = int(fields[1]), int(fields[2])
+    found, frontier = set(), [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == p and child not in found:
+                found.add(child)
+                frontier.append(child)
+    return sorted({group[c] for c in found} - {pid})
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1 (a context manager: always stopped on exit).
+
+    node_configs: one ``--node-config`` mapping per SuperNode.
+    workdir:      where FLWR_HOME, the logs and the app go (default: a fresh temporary folder).
+    threads:      OMP/torch threads per node process (default: the cores shared among the nodes).
+    """
+
+    node_configs: list[dict[str, Any]]
+    workdir: Path | None = None
+    threads: int | None = None
+    log: Callable[[str], None] = lambda line: None
+    superlink: Proc | None = field(default=None, init=False)
+    supernodes: list[Proc] = field(default_factory=list, init=False)
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="memfl-flower-")
+            self.workdir = Path(self._tmp.name)
+        self.workdir = Path(self.workdir).absolute()
+        self.home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+
+    # -- environment ----------------------------------------------------------------------
+    def env(self, threads: int | None = None) -> dict[str, str]:
+        import memfl
+
+        env = dict(os.environ)
+        root = str(Path(memfl.__file__).resolve().parents[1])
+        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PYTHONPATH=os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])]),
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+                   PYTHONUNBUFFERED="1")
+        for key in ("NO_PROXY", "no_proxy"):  # loopback never goes through a proxy
+            env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
+        # the SuperExecs look for new ClientApp/ServerApp tasks every second by default
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
+        if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(threads)
+        return env
+
+    def _spawn(self, name: str, cmd: list[str], threads: int | None = None, port: int | None = None) -> Proc:
+        log = self.logs / f"{name}.log"
+        fh = open(log, "wb")
+        try:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env(threads), cwd=self.workdir, start_new_session=True)
+        finally:
+            fh.close()
+        return Proc(name, popen, log, port)
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run one ``flwr`` CLI command against this federation."""
+        return subprocess.run([_bin("flwr"), *args], capture_output=True, text=True, env=self.env(),
+                              cwd=self.workdir, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, timeout: float = 120.0) -> "LocalFederation":
+        """Start the SuperLink and the SuperNodes; return when all nodes are online."""
+        deadline = time.monotonic() + timeout
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        n = len(self.node_configs)
+        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, n))
+        try:
+            self.superlink = self._spawn("superlink", [
+                _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                "--disable-runtime-dependency-installation"], port=port)
+            self._wait_health(self.superlink, deadline)
+            for i, nc in enumerate(self.node_configs):
+                p = free_port()
+                self.supernodes.append(self._spawn(f"supernode-{i}", [
+                    _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                    "--host", "127.0.0.1", "--port", str(p), "--node-config", node_config_text(nc)],
+                    threads=threads, port=p))
+            for proc in self.supernodes:
+                self._wait_health(proc, deadline)
+            self._wait_nodes_online(n, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self.log(f"Flower SuperLink on 127.0.0.1:{port} with {n} SuperNodes (logs in {self.logs})")
+        return self
+
+    def _wait_health(self, proc: Proc, deadline: float) -> None:
+        url = f"http://127.0.0.1:{proc.port}/health"
+        while True:
+            if not proc.alive():
+                raise FlowerError(f"{proc.name} exited with status {proc.popen.returncode}:\n{proc.tail()}")
+            try:
+                with _NO_PROXY.open(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise FlowerError(f"{proc.name} not healthy at {url} in time:\n{proc.tail()}")
+            time.sleep(0.3)
+
+    def online_nodes(self) -> list[int]:
+        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=30)
+        try:
+            nodes = json.loads(res.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return []
+        return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
+
+    def _wait_nodes_online(self, n: int, deadline: float) -> None:
+        while True:
+            if len(self.online_nodes()) >= n:
+                return
+            dead = [p for p in self.supernodes if not p.alive()]
+            if dead:
+                raise FlowerError(f"{dead[0].name} exited with status {dead[0].popen.returncode}:\n{dead[0].tail()}")
+            if time.monotonic() > deadline:
+                raise FlowerError(f"not all {n} SuperNodes came online in time; see {self.logs}")
+            time.sleep(0.5)
+
+    def stop_node(self, i: int, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to SuperNode ``i``'s process group (to make a node die mid-round)."""
+        _signal_group(self.supernodes[i].popen.pid, sig)
+
+    def stop(self) -> None:
+        """Stop every process this federation started (nodes first); idempotent."""
+        for proc in [*self.supernodes, *([self.superlink] if self.superlink else [])]:
+            proc.stop()
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # -- runs -----------------------------------------------------------------------------
+    def run(self, app_dir: str | Path, *, timeout: float = 600.0,
+            on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """``flwr run APP local``; stream its logs; return ``flwr ls`` facts about the finished run.
+
+        Raises :class:`FlowerError` when the run fails or does not finish within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        started = time.perf_counter()
+        res = self.flwr("run", str(Path(app_dir).absolute()), CONNECTION, "--format", "json", timeout=120)
+        try:
+            run_id = int(json.loads(res.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise FlowerError(f"flwr run failed (status {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}") from None
+        log_path = self.logs / f"run-{run_id}.log"
+        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env=self.env(), cwd=self.workdir, start_new_session=True)
+        reader = threading.Thread(target=_pump, args=(stream, log_path, on_line), daemon=True)
+        reader.start()
+        try:
+            info: dict[str, Any] = {}
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.flwr("stop", str(run_id), CONNECTION, timeout=30)
+                    raise FlowerError(f"run {run_id} did not finish within {timeout:.0f} s; log: {log_path}")
+                try:
+                    stream.wait(min(remaining, 5.0))
+                except subprocess.TimeoutExpired:
+                    if self.superlink is not None and not self.superlink.alive():
+                        raise FlowerError(f"the SuperLink died:\n{self.superlink.tail()}")
+                    continue
+                info = self.run_info(run_id)
+                if str(info.get("status", "")).startswith("finished"):
+                    break
+                time.sleep(2.0)  # the log stream ended early: poll the status
+        finally:
+            Proc("flwr-log", stream, log_path).stop(grace=2.0)
+            reader.join(2.0)
+        info["wall_seconds"] = time.perf_counter() - started
+        info["log"] = str(log_path)
+        if info.get("status") != "finished:completed":
+            raise FlowerError(f"run {run_id} ended {info.get('status')!r} ({info.get('status-details')}); "
+                              f"log: {log_path}\n{_tail(log_path)}")
+        return info
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        res = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=30)
+        try:
+            runs = json.loads(res.stdout).get("runs", [])
+        except json.JSONDecodeError:
+            return {}
+        return next((r for r in runs if int(r["run-id"]) == run_id), {})
+
+
+def _pump(proc: subprocess.Popen, path: Path, on_line: Callable[[str], None] | None) -> None:
+    with open(path, "w") as fh:
+        for raw in proc.stdout:  # type: ignore[union-attr]
+            line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            fh.write(line)
+            fh.flush()
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------
+def federation_node_configs(config: Config, nodes: int) -> list[dict[str, Any]]:
+    """Node ``i`` as client ``i`` of the simulator: partition, device and memory budget.
+
+    The budgets are the simulator's (:func:`memfl.runtime.sim.build_federation`), declared in
+    MiB as exact floats so that ``budget_bytes`` arrives unchanged.
+    """
+    from memfl.protocol import Plan
+    from memfl.runtime.sim import build_federation, load_data, make_context, model_builder
+
+    data = load_data(config)
+    model_fn = model_builder(config, data.input_shape, data.num_classes)
+    full_peak = make_context(config, data.input_shape, data.num_classes, model_fn).peak_fn(Plan())
+    clients = build_federation(config, data, full_peak)
+    return [{"partition-id": c.info.id, "num-partitions": nodes, "memory-mb": c.info.budget_bytes / 2**20,
+             "device": c.info.device} for c in clients[:nodes]]
+
+
+def local_settings(config: Config, nodes: int, *, round_timeout: float = 600.0) -> AppSettings:
+    """The app settings of ``memfl flower local``: clients = nodes, an absolute ``out``."""
+    cfg = config.to_json()
+    cfg["run"]["clients"] = nodes
+    cfg["run"]["out"] = str(Path(cfg["run"]["out"]).absolute())
+    return AppSettings(config=build_config(cfg, source="memfl flower local"), min_nodes=nodes, wait_nodes=60.0,
+                       query_timeout=60.0, round_timeout=round_timeout)
+
+
+def run_local(config: Config, nodes: int, *, timeout: float = 1800.0, round_timeout: float = 600.0,
+              workdir: str | Path | None = None, log: Callable[[str], None] = print,
+              node_configs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``config`` on a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return results.json.
+
+    The whole job (start, run, stop) is bounded by ``timeout`` seconds; the processes are stopped
+    whatever happens. ``node_configs`` overrides the simulator-derived node identities.
+    """
+    if nodes < 1:
+        raise ValueError("--nodes must be >= 1")
+    deadline = time.monotonic() + timeout
+    settings = local_settings(config, nodes, round_timeout=round_timeout)
+    node_configs = node_configs or federation_node_configs(settings.config, nodes)
+    fed = LocalFederation(node_configs, workdir=Path(workdir) if workdir else None, log=log)
+    with fed, _terminate_as_interrupt():
+        fed.start(timeout=max(10.0, deadline - time.monotonic()))
+        return run_on(fed, settings, timeout=max(10.0, deadline - time.monotonic()), log=log)
+
+
+def run_on(fed: LocalFederation, settings: AppSettings, *, timeout: float = 1800.0,
+           log: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the app for ``settings`` on a started federation; return its results.json (with the
+    Flower run's id, status and traffic added under ``flower_run``)."""
+    out = Path(settings.config.run.out)
+    app_dir = write_app(fed.workdir / f"app-{time.time_ns()}", settings)
+    info = fed.run(app_dir, timeout=timeout, on_line=on_line or _forward(log))
+    results = json.loads((out / "results.json").read_text())
+    results["flower_run"] = {k: info.get(k) for k in ("run-id", "status", "elapsed", "network-traffic",
+                                                      "compute-time", "wall_seconds", "log")}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so that the processes are still stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _forward(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Pass the ServerApp's own progress lines through; Flower's chatter stays in the log file."""
+    keep = ("round ", "memfl on Flower", "results in", "node ", "only ", "resuming", "Traceback", "Error")
+
+    def on_line(line: str) -> None:
+        if any(k in line for k in keep):
+            log(line)
+
+    return on_line

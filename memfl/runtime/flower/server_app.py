@@ -1,0 +1,349 @@
+"""The ServerApp: any memfl strategy driving SuperNodes through Flower's Message API.
+
+Per run:
+
+1. Build the task exactly as the simulator does (:func:`memfl.runtime.sim.load_data`,
+   :func:`~memfl.runtime.sim.model_builder`, :func:`~memfl.runtime.sim.make_context`, the same
+   seeds), so the initial model and the strategy are the simulator's.
+2. Wait for ``min-nodes`` SuperNodes and ask each who it is (a ``query`` message): its partition
+   (= memfl client id), sample count, memory budget and device. Flower gives the server only random
+   node ids; the budgets reach the planner through these replies (``ClientInfo.budget_bytes``).
+3. Every round: ``strategy.configure_train(round, params, clients)`` -> one Instruction per chosen
+   client -> one ``train`` message per node, each with its own fresh RecordDict (a plan may differ
+   per node) -> replies within ``round-timeout`` -> ``strategy.aggregate_train`` -> evaluate on the
+   test set -> checkpoint. A node that fails, answers with an error or does not answer in time is
+   recorded as failed and left out of the aggregate; a node that did not answer at all is asked
+   again before it is planned for again.
+4. Write ``results.json`` and the accuracy plot to ``memfl.run.out`` in the format of
+   ``memfl run``, plus ``runtime: "flower"``, each node's id, declared budget and timings.
+
+No algorithm lives here: selection, planning and merging are the strategy's, training is the
+LocalTrainer's (in the ClientApp).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from memfl.protocol import Plan, Result
+from memfl.runtime.flower.appconfig import AppSettings
+from memfl.runtime.flower.serde import (
+    META,
+    METRICS,
+    content_to_info,
+    content_to_result,
+    instruction_to_content,
+    json_record,
+)
+from memfl.strategies import STRATEGIES, ClientInfo, Strategy
+
+#: Flower error code of a ClientApp that raised (the node itself is alive)
+CLIENT_APP_RAISED = 2
+
+
+@dataclass
+class Node:
+    """A SuperNode the server knows: its Flower id, what it declared, and whether it answers."""
+
+    node_id: int
+    info: dict[str, Any]
+    client: ClientInfo
+    lost: bool = False  # did not answer a train message: not planned for until it answers a query
+
+
+class Mailbox:
+    """Messages in flight on a Flower ``Grid``: push now, collect replies whenever they arrive.
+
+    Replies are polled every ``poll_interval`` seconds (``Grid.send_and_receive`` sleeps 3 s
+    between polls); each message is tagged with ``(kind, key)`` so that a late reply (a node that
+    answers a query sent rounds ago) still finds its way.
+    """
+
+    def __init__(self, grid: Grid, poll_interval: float) -> None:
+        self.grid = grid
+        self.poll_interval = poll_interval
+        self.pending: dict[str, tuple[str, Any, float]] = {}  # message id -> (kind, key, sent at)
+
+    def send(self, messages: list[tuple[Message, str, Any]]) -> float:
+        """Push ``(message, kind, key)`` triples; return the seconds the push took."""
+        if not messages:
+            return 0.0
+        t0 = time.perf_counter()
+        ids = list(self.grid.push_messages([m for m, _, _ in messages]))
+        for mid, (_, kind, key) in zip(ids, messages):
+            if mid:
+                self.pending[mid] = (kind, key, t0)
+        return time.perf_counter() - t0
+
+    def in_flight(self, kind: str) -> list[Any]:
+        return [key for k, key, _ in self.pending.values() if k == kind]
+
+    def collect(self, handle: Callable[[str, Any, Message, float], None], done: Callable[[], bool],
+                timeout: float) -> None:
+        """Pull replies, passing each to ``handle(kind, key, reply, seconds since sent)``, until
+        ``done()`` or ``timeout`` seconds."""
+        deadline = time.perf_counter() + timeout
+        while self.pending:
+            for reply in self.grid.pull_messages(list(self.pending)):
+                entry = self.pending.pop(reply.metadata.reply_to_message_id, None)
+                if entry is not None:
+                    kind, key, sent = entry
+                    handle(kind, key, reply, time.perf_counter() - sent)
+            if done() or time.perf_counter() >= deadline:
+                return
+            time.sleep(self.poll_interval)
+
+    def forget(self, kind: str) -> None:
+        self.pending = {mid: e for mid, e in self.pending.items() if e[0] != kind}
+
+
+class FlowerServer:
+    """Drives one memfl experiment over a Flower ``Grid``; :meth:`run` returns the results dict."""
+
+    def __init__(self, grid: Grid, settings: AppSettings, *, log: Callable[[str], None] | None = None) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.config = settings.config
+        self.log = log or (lambda line: print(line, flush=True))
+        self.mail = Mailbox(grid, settings.poll_interval)
+        self.nodes: dict[int, Node] = {}          # Flower node id -> Node
+        self.refused: dict[int, str] = {}         # Flower node id -> why it cannot take part
+
+    # -- who is there ---------------------------------------------------------------------
+    def ask_new_nodes(self) -> None:
+        """Send a node-info query to every online node that is new or lost (one at a time)."""
+        online = set(self.grid.get_node_ids())
+        for node_id in [n for n in self.nodes if n not in online]:
+            del self.nodes[node_id]  # it left the federation
+        asking = set(self.mail.in_flight("query"))
+        ask = sorted(n for n in online - asking - set(self.refused)
+                     if n not in self.nodes or self.nodes[n].lost)
+        ttl = max(self.settings.round_timeout, self.settings.query_timeout, 10.0)
+        self.mail.send([(Message(RecordDict({META: json_record({"ask": "node-info"})}), dst_node_id=n,
+                                 message_type=MessageType.QUERY, ttl=ttl), "query", n) for n in ask])
+
+    def on_query_reply(self, node_id: int, reply: Message) -> None:
+        if reply.has_error():
+            if reply.error.code == CLIENT_APP_RAISED:  # e.g. a bad --node-config: do not ask again
+                self.refused[node_id] = reply.error.reason
+                self.log(f"node {node_id} cannot take part: {reply.error.reason}")
+            return
+        info = content_to_info(reply.content)
+        cid = int(info["partition_id"])
+        holder = next((n for n in self.nodes.values() if n.client.id == cid and n.node_id != node_id), None)
+        if holder is not None and not holder.lost:
+            self.refused[node_id] = f"partition-id {cid} is already node {holder.node_id}'s"
+            self.log(f"node {node_id} ignored: {self.refused[node_id]}")
+            return
+        if holder is not None:  # a restarted node took over its partition
+            del self.nodes[holder.node_id]
+        client = ClientInfo(id=cid, num_samples=int(info["num_samples"]), device=str(info["device"]),
+                            speed=float(info["speed"]), budget_bytes=int(info["budget_bytes"]))
+        self.nodes[node_id] = Node(node_id=node_id, info=info, client=client)
+
+    def _handle_query(self, kind: str, key: Any, reply: Message, _seconds: float) -> None:
+        if kind == "query":
+            self.on_query_reply(key, reply)
+
+    def wait_for_nodes(self) -> None:
+        """Until ``min-nodes`` nodes have described themselves, or ``wait-nodes`` seconds pass."""
+        deadline = time.perf_counter() + self.settings.wait_nodes
+        want = self.settings.min_nodes
+        while len(self.nodes) < want and time.perf_counter() < deadline:
+            self.ask_new_nodes()
+            if not self.mail.pending:  # nobody to wait for: let more nodes come online
+                time.sleep(1.0)
+            self.mail.collect(self._handle_query, lambda: len(self.nodes) >= want,
+                              timeout=min(1.0, max(0.0, deadline - time.perf_counter())))
+        if not self.nodes:
+            raise RuntimeError(f"no SuperNode described itself within {self.settings.wait_nodes:.0f} s "
+                               f"(refused: {self.refused or 'none'})")
+        if len(self.nodes) < want:
+            self.log(f"only {len(self.nodes)} of {want} nodes after {self.settings.wait_nodes:.0f} s; going on")
+
+    # -- the experiment -------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from memfl.data import DataError
+        from memfl.engine.trainer import evaluate
+        from memfl.runtime.sim import Checkpoint, _nbytes, _transfer_seconds, load_data, make_context, \
+            model_builder, summarize
+
+        config = self.config
+        out = Path(config.run.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.run.seed)
+        try:
+            data = load_data(config)
+        except DataError as err:  # the server may lack the data set: then no evaluation
+            data = None
+            self.log(f"no test set on the server ({err}); accuracy will not be evaluated")
+
+        self.wait_for_nodes()
+        if data is not None:
+            input_shape, num_classes = tuple(data.input_shape), data.num_classes
+        else:
+            first = next(iter(self.nodes.values())).info
+            input_shape, num_classes = tuple(first["input_shape"]), int(first["num_classes"])
+        # the simulator's set-up, step for step (same seeds, same order): same initial model
+        model_fn = model_builder(config, input_shape, num_classes)
+        torch.manual_seed(config.run.seed)
+        global_model = model_fn(Plan()).to(config.run.device)
+        ctx = make_context(config, input_shape, num_classes, model_fn)
+        full_peak = ctx.peak_fn(Plan())
+        strategy: Strategy = STRATEGIES[config.run.method](ctx)
+        wrap = getattr(strategy, "wrap_model_fn", None)
+        if wrap is not None:  # the global model holds more than the model (ScaleFL: output modules, heads)
+            model_fn = wrap(model_fn, config.to_json())
+            torch.manual_seed(config.run.seed)
+            global_model = model_fn(Plan()).to(config.run.device)
+        params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
+
+        rounds: list[dict[str, Any]] = []
+        checkpoint = Checkpoint(out)
+        resumed = checkpoint.load(config)
+        if resumed is not None:
+            params, state = resumed
+            rounds = state["rounds"]
+            strategy.load_state_dict(state.get("strategy", {}))
+            self.log(f"resuming {out} after round {len(rounds)}")
+        self.log(f"memfl on Flower: {config.run.method}, model {config.run.model}, {len(self.nodes)} nodes, "
+                 f"{config.run.rounds} rounds; full-training peak {full_peak / 2**20:.1f} MB")
+
+        virtual_total = rounds[-1]["virtual_seconds"] if rounds else 0.0
+        seen: dict[int, dict[str, Any]] = {}
+        for rnd in range(len(rounds) + 1, config.run.rounds + 1):
+            t0 = time.perf_counter()
+            self.ask_new_nodes()  # answers arrive during the round; such nodes join the next one
+            active = sorted((n for n in self.nodes.values() if not n.lost), key=lambda n: n.client.id)
+            for n in active:
+                seen[n.client.id] = self._client_entry(n)
+            if not active:
+                self.log(f"round {rnd}: no node is available")
+            by_cid = {n.client.id: n for n in active}
+            t_plan = time.perf_counter()
+            instructions = strategy.configure_train(rnd, params, [n.client for n in active])
+            t_ser0 = time.perf_counter()
+            msgs = [Message(instruction_to_content(ins), dst_node_id=by_cid[ins.client_id].node_id,
+                            message_type=MessageType.TRAIN, group_id=str(rnd),
+                            ttl=max(self.settings.round_timeout, 10.0)) for ins in instructions]
+            t_ser1 = time.perf_counter()
+            push_seconds = self.mail.send([(m, "train", i) for i, m in enumerate(msgs)])
+            replies: dict[int, tuple[Message, float]] = {}
+
+            def handle(kind: str, key: Any, reply: Message, seconds: float) -> None:
+                if kind == "train" and reply.metadata.group_id == str(rnd):
+                    replies[key] = (reply, seconds)
+                elif kind == "query":
+                    self.on_query_reply(key, reply)
+
+            self.mail.collect(handle, lambda: len(replies) == len(msgs), self.settings.round_timeout)
+            self.mail.forget("train")  # replies after the deadline are not waited for
+            t_deser0 = time.perf_counter()
+
+            results: list[Result] = []
+            records: list[dict[str, Any]] = []
+            for i, ins in enumerate(instructions):
+                node = by_cid[ins.client_id]
+                rec: dict[str, Any] = {
+                    "id": ins.client_id, "device": node.client.device, "budget_bytes": ins.budget_bytes,
+                    "plan": ins.plan.label, "predicted_peak_bytes": ins.predicted_peak_bytes,
+                    "node_id": node.node_id, "memory_mb": node.info.get("memory_mb"),
+                }
+                reply, seconds = replies.get(i, (None, None))
+                if reply is None:
+                    node.lost = True
+                    rec.update(status="failed", error=f"no reply within {self.settings.round_timeout:.0f} s")
+                elif reply.has_error():
+                    if reply.error.code != CLIENT_APP_RAISED:
+                        node.lost = True
+                    rec.update(status="failed", error=f"Flower error {reply.error.code}: {reply.error.reason}")
+                else:
+                    res, extra = content_to_result(reply.content)
+                    metrics = reply.content[METRICS]
+                    results.append(res)
+                    rec.update(
+                        status="ok", num_samples=res.num_samples, steps=res.steps, train_loss=res.loss,
+                        compute_seconds=res.compute_seconds,
+                        virtual_seconds=res.compute_seconds / node.client.speed
+                        + _transfer_seconds(_nbytes(ins.params) + _nbytes(res.params)),
+                        metrics=res.metrics, round_trip_seconds=seconds,
+                        node={**extra, "serialize_seconds": metrics.get("serialize-seconds"),
+                              "handler_seconds": metrics.get("handler-seconds")},
+                    )
+                if rec["status"] == "failed":
+                    self.log(f"round {rnd}: client {ins.client_id} (node {node.node_id}) failed: {rec['error']}")
+                records.append(rec)
+            t_agg0 = time.perf_counter()
+            params = strategy.aggregate_train(rnd, params, results)
+            t_agg1 = time.perf_counter()
+            entry: dict[str, Any] = {"round": rnd, "accuracy": None, "loss": None, "clients": records,
+                                     "strategy": strategy.round_report(rnd)}
+            if data is not None and (rnd % config.run.eval_every == 0 or rnd == config.run.rounds):
+                global_model.load_state_dict(params)
+                entry["accuracy"], entry["loss"] = evaluate(global_model, data.test_x, data.test_y,
+                                                            device=config.run.device)
+            ok = [r for r in records if r["status"] == "ok"]
+            entry["round_virtual_seconds"] = max((r["virtual_seconds"] for r in ok), default=0.0)
+            virtual_total += entry["round_virtual_seconds"]
+            entry["virtual_seconds"] = virtual_total
+            entry["round_seconds"] = time.perf_counter() - t0
+            entry["failed"] = len(records) - len(ok)
+            entry["timing"] = {
+                "query_seconds": t_plan - t0, "plan_seconds": t_ser0 - t_plan,
+                "serialize_seconds": t_ser1 - t_ser0, "push_seconds": push_seconds,
+                "wait_seconds": t_deser0 - t_ser1 - push_seconds,
+                "deserialize_seconds": t_agg0 - t_deser0, "aggregate_seconds": t_agg1 - t_agg0,
+                "evaluate_seconds": time.perf_counter() - t_agg1,
+            }
+            rounds.append(entry)
+            checkpoint.save(params, {"config": config.to_json(), "rounds": rounds, "strategy": strategy.state_dict()})
+            acc = f"accuracy {entry['accuracy']:.4f}" if entry["accuracy"] is not None else "not evaluated"
+            self.log(f"round {rnd}/{config.run.rounds}: {acc}, {len(ok)}/{len(records)} clients ok, "
+                     f"{entry['round_seconds']:.1f} s")
+
+        results_dict = {
+            "config": config.to_json(),
+            "runtime": "flower",
+            "memfl": {"torch": torch.__version__, "flwr": _flwr_version()},
+            "full_peak_bytes": full_peak,
+            "clients": [seen[cid] for cid in sorted(seen)],
+            "rounds": rounds,
+            "summary": summarize(rounds),
+        }
+        (out / "results.json").write_text(json.dumps(results_dict, indent=1))
+        from memfl.report import plot_accuracy
+
+        if data is not None:
+            plot_accuracy([results_dict], out / "accuracy.png", labels=[f"{config.run.method} (Flower)"])
+        self.log(f"results in {out / 'results.json'}")
+        return results_dict
+
+    @staticmethod
+    def _client_entry(node: Node) -> dict[str, Any]:
+        c = node.client
+        return {"id": c.id, "device": c.device, "speed": c.speed, "budget_bytes": c.budget_bytes,
+                "num_samples": c.num_samples, "node_id": node.node_id,
+                "memory_mb": node.info.get("memory_mb"), "budget_source": node.info.get("budget_source"),
+                "machine": node.info.get("machine")}
+
+
+def _flwr_version() -> str:
+    import flwr
+
+    return flwr.__version__
+
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    FlowerServer(grid, AppSettings.from_run_config(context.run_config)).run()

@@ -1,0 +1,132 @@
+"""The Curriculum Mentor's nHSIC: against a plain reference, and its known properties."""
+
+import math
+
+import pytest
+import torch
+
+from memfl.mentor import coefficients, gaussian_kernel, hsic, mentor_loss, nhsic, one_hot
+
+
+def reference_nhsic(a, b, sigma=5.0, normalize=True):
+    """Plain O(m^2) nHSIC with explicit loops, an explicit H matrix and traces (float64)."""
+    a = a.double().reshape(a.shape[0], -1)
+    b = b.double().reshape(b.shape[0], -1)
+    m = a.shape[0]
+
+    def kernel(v):
+        if normalize:
+            mean = [sum(v[i, j] for i in range(m)) / m for j in range(v.shape[1])]
+            var = sum((v[i, j] - mean[j]) ** 2 for i in range(m) for j in range(v.shape[1])) / (m * v.shape[1])
+            v = v / math.sqrt(var + 1e-12)
+        d = v.shape[1]
+        k = torch.empty(m, m, dtype=torch.float64)
+        for i in range(m):
+            for j in range(m):
+                dist = float(((v[i] - v[j]) ** 2).sum())
+                k[i, j] = math.exp(-dist / (2 * sigma * sigma * d))
+        return k
+
+    h = torch.eye(m, dtype=torch.float64) - torch.ones(m, m, dtype=torch.float64) / m
+    ka, kb = kernel(a), kernel(b)
+
+    def hs(x, y):
+        return float(torch.trace(x @ h @ y @ h)) / (m * m)
+
+    return hs(ka, kb) / math.sqrt(hs(ka, ka) * hs(kb, kb))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_nhsic_matches_a_plain_reference(normalize):
+    torch.manual_seed(0)
+    a = torch.randn(12, 5)
+    b = a[:, :3] ** 2 + 0.3 * torch.randn(12, 3)
+    got = float(nhsic(a, b, sigma=2.0, normalize=normalize))
+    want = reference_nhsic(a, b, sigma=2.0, normalize=normalize)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_hsic_and_kernel_match_their_definitions():
+    torch.manual_seed(1)
+    a, b = torch.randn(9, 4), torch.randn(9, 6)
+    k = gaussian_kernel(a, sigma=5.0, normalize=False).double()
+    d2 = torch.cdist(a.double(), a.double()) ** 2
+    assert torch.allclose(k, torch.exp(-d2 / (2 * 25 * 4)), atol=1e-6)
+    m = 9
+    h = torch.eye(m, dtype=torch.float64) - 1 / m
+    kb = gaussian_kernel(b, 5.0, normalize=False).double()
+    assert float(hsic(a, b, 5.0, normalize=False)) == pytest.approx(float(torch.trace(k @ h @ kb @ h)) / m**2, rel=1e-4)
+
+
+def test_identical_inputs_give_one():
+    torch.manual_seed(2)
+    a = torch.randn(64, 30)
+    assert float(nhsic(a, a)) == pytest.approx(1.0, abs=1e-5)
+    # also for images (flattened per sample) and one-hot labels
+    x = torch.randn(32, 1, 8, 8)
+    assert float(nhsic(x, x.clone())) == pytest.approx(1.0, abs=1e-5)
+    y = one_hot(torch.randint(0, 10, (32,)), 10)
+    assert float(nhsic(y, y)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_independent_inputs_give_about_zero():
+    torch.manual_seed(3)
+    a, b = torch.randn(512, 20), torch.randn(512, 30)
+    assert float(nhsic(a, b)) < 0.08
+    # and dependence is detected: a noisy function of a scores far higher
+    assert float(nhsic(a, a[:, :10].tanh() + 0.1 * torch.randn(512, 10))) > 0.5
+
+
+def test_invariant_to_scaling_an_input():
+    torch.manual_seed(4)
+    a = torch.randn(40, 7)
+    b = a @ torch.randn(7, 5) + torch.randn(40, 5)
+    base = float(nhsic(a, b))
+    for c in (1e-3, 0.5, 10.0, 1e3):
+        assert float(nhsic(a * c, b)) == pytest.approx(base, rel=1e-4)
+        assert float(nhsic(a, b * c)) == pytest.approx(base, rel=1e-4)
+
+
+def test_symmetric_bounded_and_differentiable():
+    torch.manual_seed(5)
+    a = torch.randn(16, 6, requires_grad=True)
+    b = torch.randn(16, 4, requires_grad=True)
+    v = nhsic(a, b)
+    assert v.dim() == 0 and 0.0 <= float(v.detach()) <= 1.0
+    assert float(nhsic(b, a).detach()) == pytest.approx(float(v.detach()), rel=1e-5)
+    v.backward()
+    assert a.grad is not None and b.grad is not None
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="same number of rows"):
+        nhsic(torch.randn(4, 2), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        nhsic(torch.randn(1, 2), torch.randn(1, 2))
+
+
+def test_curriculum_coefficients_interpolate_in_depth():
+    assert coefficients(1, 4, (0.0, 0.3), (0.2, 0.2)) == pytest.approx((0.0, 0.2))
+    assert coefficients(4, 4, (0.0, 0.3), (0.2, 0.2)) == pytest.approx((0.3, 0.2))
+    assert coefficients(2, 4, (0.0, 0.3), (0.0, 0.6)) == pytest.approx((0.1, 0.2))
+    assert coefficients(1, 1, (0.5, 0.9), (0.1, 0.2)) == pytest.approx((0.5, 0.1))
+    with pytest.raises(ValueError):
+        coefficients(5, 4, (0, 0), (0, 0))
+
+
+def test_mentor_loss_pushes_the_right_way():
+    torch.manual_seed(6)
+    x = torch.randn(32, 10)
+    z = (x @ torch.randn(10, 8)).requires_grad_(True)
+    y = one_hot(torch.randint(0, 3, (32,)), 3)
+    p = torch.randn(32, 4, requires_grad=True)
+    loss = mentor_loss(x, z, y, p, beta_t=1.0, gamma_t=1.0)
+    assert float(loss.detach()) == pytest.approx(float((nhsic(x, z) - nhsic(y, p)).detach()), rel=1e-5)
+    loss.backward()
+    # gradient descent on beta*nHSIC(X,Z) lowers it, on -gamma*nHSIC(Y,P) raises nHSIC(Y,P)
+    with torch.no_grad():
+        z2, p2 = z - 0.5 * z.grad, p - 0.5 * p.grad
+    assert float(nhsic(x, z2)) < float(nhsic(x, z.detach()))
+    assert float(nhsic(y, p2)) > float(nhsic(y, p.detach()))
+    assert float(mentor_loss(x, z, y, p, 0.0, 0.0)) == 0.0

@@ -1,0 +1,308 @@
+"""ScaleFL mechanisms: partition, stage engine (frozen blocks, harmonizer), schedule, eligibility."""
+
+import pytest
+import torch
+from torch import nn
+
+from memfl.engine import prepare
+from memfl.engine.trainer import LocalTrainer
+from memfl.models import build_model
+from memfl.protocol import HyperParams, Plan, Result
+from memfl.scalefl import PartitionError, ScaleFLModel, partition_model, scalefl_model_fn, stage_client_model
+from memfl.strategies import STRATEGIES, ClientInfo, FederationContext
+from memfl.strategies.scalefl import ScaleFL, plateaued
+
+
+def cnn(plan=None):
+    return build_model("cnn", width=0.25)
+
+
+def resnet(plan=None):
+    return build_model("resnet18", in_channels=3, image_size=32, width=0.125)
+
+
+def stage_plan(t, **options):
+    return Plan(kind="stage", stage=t, options=options)
+
+
+# ------------------------------------------------------------------------------------ partition
+
+def test_shipped_models_cut_into_their_four_blocks():
+    torch.manual_seed(0)
+    part = partition_model(resnet(), 4)
+    assert part.blocks == 4 and part.head == "head"
+    assert part.groups[0] == ("blocks.0.stem", "blocks.0.unit0", "blocks.0.unit1")  # stem joins block 1
+    assert part.groups[3] == ("blocks.3.unit0", "blocks.3.unit1")
+    part = partition_model(cnn(), 4)
+    assert part.groups == tuple((f"blocks.{i}.layer", f"blocks.{i}.pool") for i in range(4))
+    assert part.block_of("blocks.2.layer.conv.weight") == 3 and part.block_of("head.fc.weight") is None
+
+
+@pytest.mark.parametrize("blocks", [2, 3, 6])
+def test_other_block_counts_are_balanced_cuts_in_order(blocks):
+    torch.manual_seed(0)
+    model = resnet()
+    part = partition_model(model, blocks)
+    units = [n for n, _ in model.units()]
+    assert part.unit_names() == units  # every unit once, in order
+    assert part.blocks == blocks
+    for g in part.groups:  # every block has something to train
+        assert any(True for u in g for _ in model.get_submodule(u).parameters())
+
+
+def test_balanced_cut_lowers_the_largest_stage_of_a_resnet():
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=3, image_size=32, width=0.25)
+    default = partition_model(model, 4)
+    balanced = partition_model(model, 4, mode="balanced", batch_size=64)
+    assert balanced != default
+    # the first ResNet stage (32x32 activations) is split: block 1 ends inside stage 1
+    assert all(u.startswith("blocks.0.") for u in balanced.groups[1])
+
+
+def test_explicit_boundaries_and_a_plain_sequential_module():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    part = partition_model(mlp, 2, boundaries=["3"], input_shape=(1, 4, 4))
+    assert part.groups == (("0", "1", "2"), ("3", "4")) and part.head == "5"
+    assert partition_model(mlp, 2, boundaries=[3]).groups == part.groups
+    sm = ScaleFLModel(mlp, 2, boundaries=["3"], input_shape=(1, 4, 4))
+    assert set(sm.state_dict()) >= set(mlp.state_dict())  # the model's own keys are kept
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 10, (8,))
+    for t in (1, 2):
+        step = prepare(sm, stage_plan(t, blocks=2))
+        loss, _ = step.loss(x, y)
+        loss.backward()
+    sm.exit_stage.fill_(0)
+    assert torch.allclose(sm.eval()(x), mlp.eval()(x))
+
+
+def test_models_that_cannot_be_cut_as_asked_are_refused_clearly():
+    with pytest.raises(PartitionError, match="only 8 sequential units"):
+        partition_model(cnn(), 9)
+    with pytest.raises(PartitionError, match="not a unit"):
+        partition_model(cnn(), 2, boundaries=["blocks.9.layer"])
+    with pytest.raises(PartitionError, match="strictly increasing"):
+        partition_model(cnn(), 3, boundaries=[4, 2])
+    with pytest.raises(PartitionError, match="need 2 boundaries"):
+        partition_model(cnn(), 3, boundaries=[2])
+
+    class Branchy(nn.Module):  # forward is not its children in order
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.a(x) + self.b(x))
+
+    with pytest.raises(PartitionError, match="not its units in order"):
+        ScaleFLModel(Branchy(), 2, input_shape=(4,))
+    with pytest.raises(PartitionError, match="at least one unit and a head"):
+        partition_model(nn.Sequential(nn.Linear(3, 3)), 1, input_shape=(3,))
+
+
+# --------------------------------------------------------------------------------- stage engine
+
+def _saved_by_module(step, sm, x, y):
+    """Bytes autograd saves while each unit runs (keyed by unit name), plus in the output part."""
+    active = ["<out>"]
+    hooks = []
+    for name in sm.partition.unit_names():
+        m = sm.get_submodule(name)
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: active.append(n)))
+        hooks.append(m.register_forward_hook(lambda mod, inp, out: active.pop() and None))
+    saved: dict[str, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in sm.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[active[-1]] = saved.get(active[-1], 0) + t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = step.loss(x, y)
+    for h in hooks:
+        h.remove()
+    return saved, loss
+
+
+@pytest.mark.parametrize("harmonizer,recompute", [(False, False), (True, False), (True, True)])
+def test_frozen_blocks_save_no_activations_and_get_no_gradients(harmonizer, recompute):
+    torch.manual_seed(0)
+    sm = ScaleFLModel(resnet(), 4)
+    sm.train()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    stats = {k: v.clone() for k, v in sm.state_dict().items() if "running_mean" in k}
+    step = prepare(sm, stage_plan(3, harmonizer=harmonizer, mentor=False, recompute_tail=recompute))
+    saved, loss = _saved_by_module(step, sm, x, y)
+    loss.backward()
+    frozen = [u for g in sm.partition.groups[:2] for u in g]
+    tail = "blocks.1.unit1"  # holds block 2's last layer (conv2 + bn2), the harmonized one
+    for u in frozen:
+        if harmonizer and not recompute and u == tail:
+            assert saved.get(u, 0) > 0  # the co-trained layer's unit (recomputed: keeps its input only)
+        else:
+            assert saved.get(u, 0) == 0, f"frozen unit {u} saved activations"
+    assert all(saved.get(u, 0) > 0 for u in sm.partition.groups[2])
+    trained = set(step.trainable_names())
+    for name, p in sm.named_parameters():
+        block = sm.partition.block_of(name)
+        if block is not None and block < 3:
+            boundary = harmonizer and name.startswith(("blocks.1.unit1.conv2.", "blocks.1.unit1.bn2."))
+            assert (name in trained) == boundary
+            assert (p.grad is not None) == boundary, name
+    # frozen BatchNorms run in eval mode: their statistics do not move
+    after = sm.state_dict()
+    for k, v in stats.items():
+        block = sm.partition.block_of(k)
+        if block is not None and block < 3 and not (harmonizer and k.startswith("blocks.1.unit1.bn2.")):
+            assert torch.equal(after[k], v), k
+
+
+def test_stage_t_trains_block_t_its_output_module_and_projection_head():
+    sm = ScaleFLModel(cnn(), 4)
+    step = prepare(sm, stage_plan(2, harmonizer=False, gamma=[0.1, 0.1]))
+    names = set(step.trainable_names())
+    assert {"blocks.1.layer.conv.weight", "exits.2.fc.weight", "exits.2.convs.0.weight", "projs.2.fc1.weight"} <= names
+    assert not any(n.startswith(("blocks.0.", "blocks.2.", "head.", "exits.1.", "projs.1.")) for n in names)
+    assert set(step.sent_buffers) == {k for k, _ in sm.named_buffers() if k.startswith("blocks.1.")}
+    last = prepare(sm, stage_plan(4, mentor=False))  # the real head at stage T, no projection head
+    assert "head.fc.weight" in last.trainable_names()
+    assert not any(n.startswith(("exits.", "projs.")) for n in last.trainable_names())
+    # the stage module holds only what stage t uses
+    held = {id(p) for p in step.module.parameters()}
+    assert all(id(p) not in held for p in sm.blocks[2].parameters())
+    assert all(id(p) not in held for p in sm.head.parameters())
+
+
+def test_exit_stage_selects_the_inference_path():
+    torch.manual_seed(0)
+    base = cnn()
+    sm = ScaleFLModel(base, 4).eval()
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(sm(x), base.eval()(x))  # exit_stage 0: the full model
+    sm.exit_stage.fill_(2)
+    assert torch.allclose(sm(x), sm.stage_logits(x, 2))
+    client = stage_client_model(cnn, 2)  # a stage-2 client holds blocks 1..2, O_2 and P_2 only
+    assert client.blocks[2].layer.conv.weight.numel() == 0 and client.head.fc.weight.numel() == 0
+    assert client.exits["2"].fc.weight.numel() > 0 and client(x).shape == (3, 10)
+
+
+def test_nhsic_metrics_are_reported():
+    sm = ScaleFLModel(cnn(), 4)
+    step = prepare(sm, stage_plan(2, beta=[0.1, 0.1], gamma=[0.1, 0.1]))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        step.loss(x, y)[0].backward()
+    m = step.metrics()
+    assert m["stage"] == 2 and m["block"] == 2 and m["beta_t"] == pytest.approx(0.1)
+    assert 0 <= m["nhsic_xz"] <= 1 and 0 <= m["nhsic_yz"] <= 1 and 0 <= m["nhsic_yp"] <= 1
+
+
+# ------------------------------------------------------------------------------------ strategy
+
+def make_ctx(peaks=None, **scalefl):
+    peaks = peaks or {}
+
+    def peak_fn(plan):
+        return peaks.get(plan.stage if plan.kind == "stage" else 0, 1000)
+
+    return FederationContext(model_fn=cnn, input_shape=(1, 28, 28), num_classes=10,
+                             hparams=HyperParams(batch_size=8, lr=0.05, max_steps=3), per_round=10, seed=0,
+                             peak_fn=peak_fn, options={"run": {"rounds": 8}, "scalefl": scalefl})
+
+
+def clients(*budgets):
+    return [ClientInfo(id=i, num_samples=20 + i, device="x", speed=1.0, budget_bytes=b) for i, b in enumerate(budgets)]
+
+
+def test_eligibility_follows_the_predicted_stage_peak():
+    peaks = {1: 500, 2: 300, 3: 200, 4: 100}
+    strat = ScaleFL(make_ctx(peaks))
+    pool = clients(50, 150, 250, 350, 600)
+    model = strat.wrap_model_fn(cnn, {})(Plan())
+    params = model.state_dict()
+    for stage, fits in [(1, {4}), (2, {3, 4}), (3, {2, 3, 4}), (4, {1, 2, 3, 4})]:
+        strat.stage = stage
+        ins = strat.configure_train(stage, params, pool)
+        assert {i.client_id for i in ins} == fits
+        assert all(i.plan.stage == stage and i.predicted_peak_bytes == peaks[stage] <= i.budget_bytes for i in ins)
+        assert strat.round_report(stage)["eligible"] == len(fits)
+        # a stage-t client is sent blocks 1..t, O_t, P_t only
+        sent = set(ins[0].params)
+        assert any(k.startswith(f"blocks.{stage - 1}.") for k in sent)
+        assert not any(k.startswith(f"blocks.{stage}.") for k in sent)
+        assert ({k for k in sent if k.startswith("exits.")} == {k for k in params if k.startswith(f"exits.{stage}.")})
+
+
+def _fit(strat, model_fn, ins, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return LocalTrainer(model_fn).fit(ins, x, y)
+
+
+@pytest.mark.parametrize("harmonizer", [True, False])
+def test_co_adapted_layer_is_trained_and_merged(harmonizer):
+    torch.manual_seed(0)
+    strat = ScaleFL(make_ctx(harmonizer=harmonizer))
+    model_fn = strat.wrap_model_fn(cnn, {})
+    params = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
+    strat.stage = 2
+    ins = strat.configure_train(1, params, clients(10**9, 10**9))
+    results = [_fit(strat, model_fn, i, seed=k) for k, i in enumerate(ins)]
+    boundary = ["blocks.0.layer.conv.weight", "blocks.0.layer.bn.weight", "blocks.0.layer.bn.running_mean"]
+    for r in results:
+        assert all((k in r.params) == harmonizer for k in boundary)
+        assert "blocks.1.layer.conv.weight" in r.params and "exits.2.fc.weight" in r.params
+        assert not any(k.startswith(("blocks.2.", "blocks.3.", "head.")) for k in r.params)
+        if harmonizer:
+            assert not torch.equal(r.params["blocks.0.layer.conv.weight"], params["blocks.0.layer.conv.weight"])
+    new = strat.aggregate_train(1, params, results)
+    w = [r.num_samples for r in results]
+    for k in (boundary if harmonizer else []) + ["blocks.1.layer.conv.weight", "exits.2.fc.weight"]:
+        want = sum(r.params[k].double() * n for r, n in zip(results, w)) / sum(w)
+        assert torch.allclose(new[k].double(), want, atol=1e-6), k  # merged into the global model
+    if not harmonizer:
+        assert torch.equal(new["blocks.0.layer.conv.weight"], params["blocks.0.layer.conv.weight"])
+    assert int(new["exit_stage"]) == 2
+
+
+def _result(cid, loss, n=10):
+    return Result(client_id=cid, params={}, num_samples=n, loss=loss)
+
+
+def test_elastic_schedule_advances_on_plateau_or_after_r_max():
+    strat = ScaleFL(make_ctx(r_min=2, r_max=4, plateau=0.05, window=2))
+    empty: dict = {}
+    stages = []
+    losses = [2.0, 1.0, 0.99, 0.5, 0.3, 0.2, 0.1, 0.05, 0.0499, 0.03]  # stage 1 plateaus at round 3
+    for rnd, loss in enumerate(losses, 1):
+        stages.append(strat.stage_for(rnd))
+        strat.configure_train(rnd, empty, [])
+        strat.aggregate_train(rnd, empty, [_result(0, loss)])
+        strat.round_report(rnd)
+    # 1: plateau after 3 rounds; 2: never plateaus -> r_max = 4; 3: plateau after 2
+    assert stages == [1, 1, 1, 2, 2, 2, 2, 3, 3, 4]
+    assert [t["reason"] for t in strat.transitions] == ["plateau", "r_max", "plateau"]
+    state = strat.state_dict()
+    other = ScaleFL(make_ctx())
+    other.load_state_dict(state)
+    assert other.state_dict() == state and other.stage == 4
+
+
+def test_default_r_max_fits_every_stage_in_the_run_and_cyclic_schedule():
+    assert ScaleFL(make_ctx()).r_max == 2  # 8 rounds / 4 blocks
+    cyc = ScaleFL(make_ctx(schedule="cyclic"))
+    assert [cyc.stage_for(r) for r in range(1, 10)] == [1, 2, 3, 4, 1, 2, 3, 4, 1]
+    assert plateaued([1.0, 1.0, 1.0], 3, 0.01) and not plateaued([3.0, 2.0, 1.0], 3, 0.01)
+    assert plateaued([1.0, 1.1], 2, 0.0)  # a rising loss is a plateau
+
+
+def test_registered_everywhere():
+    from memfl.engine import ENGINES
+
+    assert STRATEGIES["scalefl"] is ScaleFL and "stage" in ENGINES and "width" in ENGINES
+    fn = scalefl_model_fn(cnn, 4)
+    assert isinstance(fn(Plan()), ScaleFLModel)
