@@ -126,8 +126,9 @@ class ScaleFLConfig(_Section):
     r_max: int | None = Field(None, ge=1)  # elastic: at most (None: run.rounds // blocks)
     plateau: float = Field(0.02, ge=0)  # advance when the loss improves < this fraction per round
     window: int = Field(3, ge=2)  # rounds the plateau slope is fitted over
-    beta: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2)  # nHSIC(X,Z) weight, first/last block
-    gamma: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2)  # nHSIC(Y,P) weight, first/last block
+    # the mentor's nHSIC(X,Z) and nHSIC(Y,P) weights, [first block, last block] (docs/SCALEFL.md)
+    beta: list[float] = Field(default_factory=lambda: [0.0, 0.1], min_length=2, max_length=2)
+    gamma: list[float] = Field(default_factory=lambda: [0.3, 0.1], min_length=2, max_length=2)
     sigma: float = Field(5.0, gt=0)  # Gaussian kernel width
 
 

@@ -13,7 +13,6 @@ import shutil
 import struct
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -293,15 +292,12 @@ def test_unknown_dataset_name():
                     reason="Debian package dataset-fashion-mnist not installed (/usr/share/datasets/fashion-mnist)")
 def test_real_fashion_mnist(monkeypatch):
     monkeypatch.setattr(ds_mod, "SYSTEM_DATA_ROOTS", (REAL_FMNIST.parent,))
-    t0 = time.perf_counter()
     ds = load_dataset("fashion-mnist", download=False)  # found through the system folder
-    elapsed = time.perf_counter() - t0
     assert ds.source == str(REAL_FMNIST)
     assert ds.num_train == 60000 and ds.num_test == 10000 and ds.num_classes == 10
     assert ds.input_shape == (1, 28, 28)
     assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 6000))
     assert abs(ds.train_x.mean().item()) < 0.01 and abs(ds.train_x.std().item() - 1) < 0.01
-    assert elapsed < 3.0, f"decoding Fashion-MNIST took {elapsed:.2f} s (budget 3 s; ~0.9 s measured)"
 
 
 # ------------------------------------------------------------------------------------------------

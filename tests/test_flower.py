@@ -48,7 +48,8 @@ def federation(tmp_path_factory):
     config = make_config(work / "unused")
     nodes = federation_node_configs(config, NODES)
     fed = LocalFederation(nodes, workdir=work)
-    with fed:
+    with pytest.MonkeyPatch.context() as mp, fed:
+        mp.setenv("XDG_CACHE_HOME", str(work / "cache"))  # the nodes' data shares
         fed.start(timeout=180)
         yield fed
 

@@ -19,6 +19,12 @@ MB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """The ClientApp keeps a node's data share in the user cache: use a private one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
 def task_identity():
     """Building a Message outside a run needs Flower's task identity (as flwr.simulation sets it)."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -98,7 +104,9 @@ def test_app_settings_round_trip_through_the_pyproject(small_config):
 
 
 def _context(config, node_config, **settings):
-    return Context(run_id=1, node_id=11, node_config=node_config, state=RecordDict(),
+    import random
+
+    return Context(run_id=random.getrandbits(62), node_id=11, node_config=node_config, state=RecordDict(),
                    run_config=AppSettings(config=config, **settings).to_run_config())
 
 
@@ -120,7 +128,7 @@ def test_node_spec_budget_sources(small_config):
         node_spec({"partition-id": 6}, config)
 
 
-def test_client_app_in_process_matches_the_simulators_client(small_config):
+def test_client_app_in_process_matches_the_simulators_client(small_config, tmp_path):
     """The ClientApp, called in-process, trains client i exactly as the simulator's trainer does."""
     from memfl.engine.trainer import LocalTrainer
     from memfl.runtime.flower.client_app import app
@@ -154,6 +162,9 @@ def test_client_app_in_process_matches_the_simulators_client(small_config):
         torch.testing.assert_close(got.params[k], want.params[k], rtol=1e-5, atol=1e-6)
     assert extra["instruction_budget_bytes"] == ins.budget_bytes
     assert extra["budget_bytes"] == 300 * MB and extra["fit_seconds"] > 0
+    # the query left the node's share in a file for the rest of the run; train read it from there
+    shares = list((tmp_path / "cache" / "memfl" / "flower").glob("run-*/share-4-of-6-*.safetensors"))
+    assert len(shares) == 1
 
 
 def test_client_app_enforcing_its_budget_refuses_a_plan_too_big(small_config):

@@ -52,8 +52,8 @@ def test_profile_records_segments_and_saved_tensors(small_profile):
     assert full["saved_full"] > 0 and full["peak_bytes"] > prof.fixed_bytes()
 
 
-def test_ilp_is_exact_against_brute_force(small_profile):
-    """The ILP optimum equals the best of all 5**4 plans under the same memory model."""
+def test_dp_and_ilp_are_exact_against_brute_force(small_profile):
+    """The DP's and the ILP's optimum equal the best of all 5**4 plans under the same model."""
     prof = small_profile
     modes = allowed_modes()
     plans = []
@@ -66,9 +66,10 @@ def test_ilp_is_exact_against_brute_force(small_profile):
     for frac in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
         budget = lo + frac * (hi - lo)
         best = min(t for t, p, _ in plans if p <= budget)
-        choice = solve(prof, budget)
-        assert choice.model_peak_bytes <= budget
-        assert choice.added_seconds == pytest.approx(best, abs=1e-9)
+        for method in ("dp", "ilp"):
+            choice = solve(prof, budget, method=method)
+            assert choice.model_peak_bytes <= budget
+            assert choice.added_seconds == pytest.approx(best, abs=1e-9)
 
 
 def test_min_bits_guard_and_infeasible_budget(small_profile):

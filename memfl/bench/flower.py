@@ -242,10 +242,10 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         "",
         "What would shrink it: the fixed costs are Flower's, not memfl's — a fresh `flwr-clientapp` process per "
         "message (importing torch each time), the SuperNode's fixed 3 s sleep between polls when idle, and the "
-        "first optimizer's `torch._dynamo` import in every fresh process. A long-lived ClientApp process (or a "
-        "shorter SuperNode poll) would remove most of it; the remaining per-round cost is milliseconds of "
-        "serialisation. On real devices local training takes minutes, and this fixed cost of seconds per round "
-        "fades.",
+        "first optimizer's `torch._dynamo` import in every fresh process. (memfl already keeps each node's data "
+        "share on disk for the run, so a message does not reload the data set.) A long-lived ClientApp process "
+        "(or a shorter SuperNode poll) would remove most of the rest; serialisation costs milliseconds. On real "
+        "devices local training takes minutes, and a fixed cost of seconds per round fades.",
         "",
     ]
     return "\n".join(lines)

@@ -106,7 +106,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     lines = [
         "### Simulator overhead",
         "",
-        f"Command: `memfl bench overhead --out {out}`{' --quick' if quick else ''} "
+        f"Command: `memfl bench overhead --out {out}{' --quick' if quick else ''}` "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)",
         "",
         f"FedAvg, `cnn` on {config.run.dataset}, 100 clients (Dirichlet 0.5), {config.run.per_round} per round, "

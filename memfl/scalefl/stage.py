@@ -51,9 +51,9 @@ from memfl.mentor import SIGMA, coefficients, nhsic, one_hot
 from memfl.protocol import Plan
 from memfl.scalefl.partition import Partition, PartitionError, check_sequential, partition_model
 
-#: mentor defaults (chosen by the search in docs/SCALEFL.md)
-DEFAULT_BETA = (0.0, 0.0)
-DEFAULT_GAMMA = (0.0, 0.0)
+#: mentor defaults (first block, last block), chosen by the search in docs/SCALEFL.md
+DEFAULT_BETA = (0.0, 0.1)
+DEFAULT_GAMMA = (0.3, 0.1)
 PROJ_HIDDEN = 128
 PROJ_DIM = 64
 

@@ -18,7 +18,8 @@ A SuperNode says who it is with ``--node-config`` (values are TOML-typed)::
 A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
 the memory the OS reports available now (``MemAvailable``). The node cuts its share with
 :func:`memfl.data.partition` from the run's seed, so it trains on exactly the samples the
-simulator gives client ``partition-id``.
+simulator gives client ``partition-id``; it keeps that share in a file for the rest of the run
+(``~/.cache/memfl/flower/run-ID/``), as every message starts a fresh ClientApp process.
 
 Two handlers:
 
@@ -140,15 +141,69 @@ def _indices(config_json: str, num_partitions: int):
     return partition(data.train_y.numpy(), num_partitions, config.run.partition, seed=config.run.seed)
 
 
-def client_data(config: Config, spec: NodeSpec) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
-    """This node's training share ``(x, y)``, the input shape and the number of classes."""
+def client_data(config: Config, spec: NodeSpec, run_id: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    """This node's training share ``(x, y)``, the input shape and the number of classes.
+
+    With a ``run_id`` the share is kept in a file for the rest of the run: every Flower message
+    starts a fresh ClientApp process, which would otherwise load and cut the whole data set again
+    (seconds, and the whole set in memory, on a small device).
+    """
     cfg = config.to_json()
     if spec.data_dir:
         cfg["run"]["data_dir"] = spec.data_dir
     key = json.dumps(cfg, sort_keys=True)
+    path = _share_path(run_id, spec, key) if run_id is not None else None
+    if path is not None and path.exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata()
+                x, y = fh.get_tensor("x"), fh.get_tensor("y")
+            return x, y, tuple(json.loads(meta["input_shape"])), int(meta["num_classes"])
+        except Exception:  # noqa: BLE001 - a damaged cache file: cut the share again
+            pass
     data = _dataset(key)
     idx = torch.as_tensor(_indices(key, spec.num_partitions)[spec.partition_id], dtype=torch.long)
-    return data.train_x[idx], data.train_y[idx], tuple(data.input_shape), int(data.num_classes)
+    x, y = data.train_x[idx].contiguous(), data.train_y[idx].contiguous()
+    if path is not None:
+        _save_share(path, x, y, tuple(data.input_shape), int(data.num_classes))
+    return x, y, tuple(data.input_shape), int(data.num_classes)
+
+
+#: node shares of runs older than this are deleted when a new run starts
+SHARE_MAX_AGE_SECONDS = 24 * 3600
+
+
+def _share_path(run_id: int, spec: NodeSpec, config_key: str):
+    import hashlib
+
+    from memfl.data import cache_dir
+
+    digest = hashlib.sha256(config_key.encode()).hexdigest()[:12]
+    name = f"share-{spec.partition_id}-of-{spec.num_partitions}-{digest}.safetensors"
+    return cache_dir("flower") / f"run-{run_id}" / name
+
+
+def _save_share(path, x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], classes: int) -> None:
+    """Write the share atomically; drop the shares of old runs. Best effort: a read-only disk is fine."""
+    try:
+        from safetensors.torch import save_file
+
+        if not path.parent.exists():
+            for old in path.parent.parent.glob("run-*"):
+                if time.time() - old.stat().st_mtime > SHARE_MAX_AGE_SECONDS:
+                    for f in old.iterdir():
+                        f.unlink(missing_ok=True)
+                    old.rmdir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"x": x, "y": y}, str(tmp), metadata={"input_shape": json.dumps(list(shape)),
+                                                        "num_classes": str(classes)})
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 @lru_cache(maxsize=2)
@@ -213,7 +268,7 @@ def describe(context: Context) -> dict[str, Any]:
 
     config = settings_of(context).config
     spec = node_spec(context.node_config, config)
-    x, _, shape, classes = client_data(config, spec)
+    x, _, shape, classes = client_data(config, spec, context.run_id)
     return {
         **asdict(spec),
         "num_samples": len(x),
@@ -232,7 +287,7 @@ def train(message: Message, context: Context) -> Message:
     age = process_age()
     config = settings_of(context).config
     spec = node_spec(context.node_config, config)
-    x, y, shape, classes = client_data(config, spec)
+    x, y, shape, classes = client_data(config, spec, context.run_id)
     t_data = time.perf_counter()
     ins = content_to_instruction(message.content)
     t_deser = time.perf_counter()
