@@ -23,7 +23,8 @@ of ``q4``/``q2`` by 10-15% relative to uniform bits at the same memory.
 Memory is exact and data-independent: the codes of all bit groups go into *one* buffer of
 :func:`packed_nbytes` bytes (the bound ``ceil(positions * floor(target * C) / 8)`` plus one byte per
 group of padding), whatever the allocation turns out to be, so a budgeted client is never
-surprised by its own compressor and the memory estimator's small-batch profiles extrapolate exactly.
+surprised by its own compressor and the memory estimator's small-batch profiles extrapolate
+(linearly in the batch) to the stored bytes exactly.
 
 Layout
 ------
@@ -36,6 +37,9 @@ the same way).
 
 Only activations worth it are compressed (:func:`compress_kind`): non-leaf floating tensors with at
 least :data:`MIN_SAMPLE_NUMEL` values per sample; the decision does not depend on the batch size.
+Mixed widths sort the channels by width and store them channel-major, so every width group is one
+contiguous block (channel slices of an NCHW tensor are strided, and ops on them were measured
+5-50x slower on CPU).
 Integer tensors saved for backward (max-pool indices, int64) are narrowed to int16 losslessly when
 their values fit -- 4x smaller, exact.
 
@@ -173,8 +177,7 @@ def pack_codes(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
     """Pack a uint8 tensor of codes < 2**bits, 8/bits codes per byte (little-endian words).
 
     out: a flat uint8 tensor of ``ceil(numel * bits / 8)`` bytes to write into (else a new one).
-    Codes are padded to whole words; whether that padding copy is made depends on the values per
-    sample (dim 0 is the batch), not on the batch size, so every batch size runs the same ops.
+    Codes are padded to whole words when the values per row of dim 0 do not fill them.
     """
     flat = q.reshape(-1)
     n = flat.numel()
@@ -191,14 +194,25 @@ def pack_codes(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
         padded[:n] = flat
         flat = padded
     w = flat.contiguous().view(_WORD[bits])  # code i of a word sits at bit 8 i
-    acc = w.clone()
-    for i in range(1, k):  # move code i from bit 8 i down to bit b i: the others fall outside
-        acc |= w >> ((8 - bits) * i)  # the low byte (see docs/FEDHYBRID.md)
-    acc &= 0xFF
+    # one multiply moves code i from bit 8 i to bit T + b i (the partial products never overlap,
+    # the ones above the word are dropped by the wrap-around): then shift and keep one byte
+    acc = (w * _MAGIC[bits]).bitwise_right_shift_(_TOP[bits]).bitwise_and_(0xFF)
     if out is None:
         return acc.to(torch.uint8)
     out.copy_(acc)
     return out
+
+
+def _magic(bits: int, width: int) -> tuple[int, int]:
+    k = 8 // bits
+    top = (8 - bits) * (k - 1)
+    m = sum(1 << (top - (8 - bits) * i) for i in range(k))
+    return (m - (1 << width) if m >= 1 << (width - 1) else m), top
+
+
+_MAGIC, _TOP = {}, {}
+for _b, _w in ((1, 64), (2, 32), (4, 16)):
+    _MAGIC[_b], _TOP[_b] = _magic(_b, _w)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -210,45 +224,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return codes.view(-1)[:numel]
 
 
-#: an activation is (de)quantised in at most this many channel slices, so the float
-#: temporaries are one slice, not the whole tensor (fewer slices for small tensors: one per
-#: SLICE_BYTES of float32 values per sample). Depends on the shape only, never on the batch size.
-MAX_SLICES = 8
-SLICE_BYTES = 16384
-
-
-def _n_slices(C: int, per_sample: int) -> int:
-    return max(1, min(MAX_SLICES, C, per_sample * 4 // SLICE_BYTES))
-
-
-def _pieces(counts: list[tuple[int, int]], n_slices: int, C: int) -> list[tuple[int, int, int]]:
-    """``(bits, first channel in the order, channels)``: each width group cut into slices."""
-    size = -(-C // n_slices)
-    out, start = [], 0
-    for b, n in counts:
-        for s in range(0, n, size):
-            out.append((b, start + s, min(size, n - s)))
-        start += n
-    return out
-
-
-def _layout(shape: tuple[int, ...], target: float, mixed: bool) -> tuple[int, int, int, int]:
-    """(channel dim, channels, values per channel, slices) of a tensor of ``shape``."""
-    cdim = 1 if len(shape) >= 4 else len(shape) - 1
-    C = shape[cdim]
-    numel = math.prod(shape)
-    per_sample = numel // max(1, shape[0])
-    return cdim, C, numel // max(1, C), _n_slices(C, per_sample)
-
-
-def _code_bytes(positions: int, C: int, target: float, n_slices: int) -> int:
-    # every piece pads to a whole byte: at most n_slices + len(BIT_OPTIONS) pieces
+def _code_bytes(positions: int, C: int, target: float) -> int:
+    # each width group pads to a whole byte
     bits_total = int(math.floor(target * C + 1e-9))
-    return -(-positions * bits_total // 8) + n_slices + len(BIT_OPTIONS)
-
-
-def _mask_bytes(numel: int, n_slices: int) -> int:
-    return -(-numel // 8) + n_slices + len(BIT_OPTIONS)
+    return -(-positions * bits_total // 8) + len(BIT_OPTIONS)
 
 
 def packed_nbytes(shape: tuple[int, ...] | torch.Size, target: float, mask: bool = False, *,
@@ -258,25 +237,29 @@ def packed_nbytes(shape: tuple[int, ...] | torch.Size, target: float, mask: bool
     (float32) and, for mixed widths, the channel order (int64). Exact, whatever the data."""
     _check_target(target, mixed, min_bits)
     shape = tuple(int(s) for s in shape)
-    cdim, C, positions, n_slices = _layout(shape, target, mixed)
-    total = _code_bytes(positions, C, target, n_slices) + 8 * C
+    cdim = 1 if len(shape) >= 4 else len(shape) - 1
+    C = shape[cdim]
+    numel = math.prod(shape)
+    total = _code_bytes(numel // max(1, C), C, target) + 8 * C
     if mixed and _mixed_layout(target, min_bits):
         total += 8 * C
     if mask:
-        total += _mask_bytes(math.prod(shape), n_slices)
+        total += -(-numel // 8)
     return total
 
 
 class Packed:
     """A compressed activation; :meth:`unpack` restores a float tensor of the original shape.
 
-    pieces: ``(bits, first channel in the order, channels, code offset, mask offset)``.
+    Uniform widths: the codes in the tensor's own order. Mixed widths: channels sorted by width
+    (``order``) and stored channel-major, so every width group is a contiguous block;
+    ``groups`` = ``(bits, channels, byte offset)``.
     """
 
-    __slots__ = ("shape", "dtype", "cdim", "minimum", "step", "codes", "order", "pieces", "mask",
+    __slots__ = ("shape", "dtype", "cdim", "minimum", "step", "codes", "order", "groups", "mask",
                  "source", "__weakref__")
 
-    def __init__(self, shape, dtype, cdim, minimum, step, codes, order, pieces, mask=None) -> None:
+    def __init__(self, shape, dtype, cdim, minimum, step, codes, order, groups, mask=None) -> None:
         self.shape = shape
         self.dtype = dtype
         self.cdim = cdim
@@ -284,7 +267,7 @@ class Packed:
         self.step = step
         self.codes = codes
         self.order = order  # int64 channel permutation grouping equal widths, or None (uniform)
-        self.pieces = pieces
+        self.groups = groups
         self.mask = mask  # 1-bit packed (x > 0) of a ReLU output, or None
         self.source = None
 
@@ -300,39 +283,55 @@ class Packed:
 
     @property
     def bits(self) -> list[tuple[int, int]]:
-        """``(bits, channels)`` per piece."""
-        return [(b, n) for b, _, n, _, _ in self.pieces]
+        """``(bits, channels)`` per width group."""
+        return [(b, n) for b, n, _ in self.groups]
 
     def unpack(self) -> torch.Tensor:
         ndim = len(self.shape)
-        positions = math.prod(self.shape) // self.shape[self.cdim]
-        out = torch.empty(self.shape, dtype=torch.float32, device=self.codes.device)
-        for bits, start, count, off, moff in self.pieces:
-            n = positions * count
-            sub_shape = list(self.shape)
-            sub_shape[self.cdim] = count
-            view = _shape_for(count, self.cdim, ndim)
-            if self.order is None:
-                idx = None
-                mn, st = self.minimum[start:start + count], self.step[start:start + count]
-            else:
-                idx = self.order[start:start + count]
-                mn, st = self.minimum[idx], self.step[idx]
-            codes = unpack_codes(self.codes[off:off + -(-n * bits // 8)], bits, n).view(sub_shape)
-            vals = torch.addcmul(mn.view(view), codes, st.view(view))
+        C = self.shape[self.cdim]
+        numel = math.prod(self.shape)
+        positions = numel // C
+        if self.order is None:
+            bits = self.groups[0][0]
+            codes = unpack_codes(self.codes, bits, numel).view(self.shape)
+            view = _shape_for(C, self.cdim, ndim)
+            out = torch.addcmul(self.minimum.view(view), codes, self.step.view(view))
             del codes
-            if self.mask is not None:
-                # a ReLU's backward reads (out > 0): restore the exact sign pattern (a ReLU output
-                # dequantises to values >= its min >= 0)
-                positive = unpack_codes(self.mask[moff:moff + -(-n // 8)], 1, n).view(sub_shape)
-                vals.clamp_min_(torch.finfo(torch.float32).tiny).mul_(positive)
-                del positive
-            if idx is None:
-                out.narrow(self.cdim, start, count).copy_(vals)
-            else:
-                out.index_copy_(self.cdim, idx, vals)
+        else:
+            vals = torch.empty((C, positions), dtype=torch.float32, device=self.codes.device)
+            mn, st = self.minimum[self.order], self.step[self.order]
+            start = 0
+            for bits, count, offset in self.groups:
+                n = positions * count
+                codes = unpack_codes(self.codes[offset:offset + -(-n * bits // 8)], bits, n)
+                torch.addcmul(mn[start:start + count, None], codes.view(count, positions),
+                              st[start:start + count, None], out=vals[start:start + count])
+                start += count
+                del codes
+            major = _channel_major_shape(self.shape, self.cdim)
+            out_major = torch.empty(major, dtype=torch.float32, device=vals.device)
+            out_major.view(C, positions).index_copy_(0, self.order, vals)
             del vals
+            out = _from_channel_major(out_major, self.shape, self.cdim)
+        if self.mask is not None:
+            # a ReLU's backward reads (out > 0): restore the exact sign pattern (a ReLU output
+            # dequantises to values >= its min >= 0)
+            positive = unpack_codes(self.mask, 1, numel).view(self.shape)
+            out.clamp_min_(torch.finfo(torch.float32).tiny).mul_(positive)
         return out.to(self.dtype)
+
+
+def _channel_major_shape(shape: tuple[int, ...], cdim: int) -> tuple[int, ...]:
+    return (shape[cdim],) + tuple(s for d, s in enumerate(shape) if d != cdim)
+
+
+def _to_channel_major(x: torch.Tensor, cdim: int, order: torch.Tensor) -> torch.Tensor:
+    """(C, positions) contiguous, channels in ``order``."""
+    return x.movedim(cdim, 0).index_select(0, order).reshape(x.shape[cdim], -1)
+
+
+def _from_channel_major(t: torch.Tensor, shape: tuple[int, ...], cdim: int) -> torch.Tensor:
+    return t.movedim(0, cdim).contiguous()
 
 
 def _uniform_noise_bytes(numel: int, device: torch.device) -> torch.Tensor:
@@ -347,6 +346,13 @@ def relu_output(t: torch.Tensor) -> bool:
     return fn is not None and type(fn).__name__.startswith(("ReluBackward", "ThresholdBackward"))
 
 
+def _stochastic_codes(x: torch.Tensor, minimum: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``floor((x - min) * inv + u)``, ``u`` uniform in (0, 1) (min/inv broadcast)."""
+    v = torch.addcmul(-minimum * inv + 0.5 / 256, x, inv)
+    v.add_(_uniform_noise_bytes(v.numel(), v.device).view(v.shape), alpha=1.0 / 256)
+    return v.to(torch.uint8)  # truncation == floor for these non-negative values
+
+
 def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: int = 1,
              mask: bool = False) -> Packed:
     """Compress ``x`` to ``target`` average bits per value (see the module docs).
@@ -358,8 +364,10 @@ def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: in
     if xd.dtype != torch.float32:
         xd = xd.float()
     shape = tuple(xd.shape)
-    cdim, C, positions, n_slices = _layout(shape, target, mixed)
     ndim = xd.dim()
+    cdim = channel_dim(xd)
+    C = shape[cdim]
+    positions = xd.numel() // C
     dims = [d for d in range(ndim) if d != cdim]
     mn = xd.amin(dim=dims)
     rng = xd.amax(dim=dims) - mn
@@ -368,43 +376,30 @@ def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: in
     # step slightly above range/levels so that (x - min) / step stays below `levels`
     step = torch.where(rng > 0, rng / levels * (1.0 + 2.0 ** -20), torch.ones_like(rng))
     inv = 1.0 / step
-    if mixed and _mixed_layout(target, min_bits):
+    codes = torch.empty(_code_bytes(positions, C, target), dtype=torch.uint8, device=xd.device)
+    if not (mixed and _mixed_layout(target, min_bits)):  # one width for every channel
+        b = int(bits[0])
+        view = _shape_for(C, cdim, ndim)
+        q = _stochastic_codes(xd, mn.view(view), inv.view(view))
+        pack_codes(q, b, out=codes[:-(-q.numel() * b // 8)])
+        order, groups = None, [(b, C, 0)]
+    else:  # channels sorted by width, channel-major: every width group is a contiguous block
         order = torch.argsort(bits, descending=True, stable=True).to(xd.device)
-        widths = sorted(torch.unique(bits).tolist(), reverse=True)
-        counts = [(int(b), int((bits == b).sum())) for b in widths]
-    else:  # one width for every channel
-        order, counts = None, [(int(bits[0]), C)]
-    codes = torch.empty(_code_bytes(positions, C, target, n_slices), dtype=torch.uint8,
-                        device=xd.device)
-    signs = (torch.empty(_mask_bytes(positions * C, n_slices), dtype=torch.uint8, device=xd.device)
-             if mask else None)
-    pieces, off, moff = [], 0, 0
-    for b, start, count in _pieces(counts, n_slices, C):
-        view = _shape_for(count, cdim, ndim)
-        if order is None:
-            xs = xd.narrow(cdim, start, count)
-            mn_s, inv_s = mn[start:start + count], inv[start:start + count]
-        else:
-            idx = order[start:start + count]
-            xs = xd.index_select(cdim, idx)
-            mn_s, inv_s = mn[idx], inv[idx]
-        v = torch.addcmul((-mn_s * inv_s + 0.5 / 256).view(view), xs, inv_s.view(view))
-        v.add_(_uniform_noise_bytes(v.numel(), v.device).view(v.shape), alpha=1.0 / 256)
-        q = v.to(torch.uint8)  # truncation == floor for these non-negative values
-        del v
-        nb = -(-q.numel() * b // 8)
-        pack_codes(q, b, out=codes[off:off + nb])
-        del q
-        pieces.append((b, start, count, off, moff))
-        off += nb
-        if signs is not None:
-            positive = (xs > 0).view(torch.uint8)
-            mb = -(-positive.numel() // 8)
-            pack_codes(positive, 1, out=signs[moff:moff + mb])
-            moff += mb
-            del positive
-        del xs
-    return Packed(shape, x.dtype, cdim, mn.float(), step.float(), codes, order, pieces, signs)
+        xm = _to_channel_major(xd, cdim, order)
+        q = _stochastic_codes(xm, mn[order, None], inv[order, None])
+        del xm
+        sorted_bits = bits[order.cpu()].tolist()
+        groups, offset, start = [], 0, 0
+        for b in sorted(set(sorted_bits), reverse=True):
+            count = sorted_bits.count(b)
+            n = -(-positions * count * b // 8)
+            pack_codes(q[start:start + count], b, out=codes[offset:offset + n])
+            groups.append((int(b), count, offset))
+            offset += n
+            start += count
+    del q
+    signs = pack_codes((xd > 0).view(torch.uint8), 1) if mask else None
+    return Packed(shape, x.dtype, cdim, mn.float(), step.float(), codes, order, groups, signs)
 
 
 def _mixed_layout(target: float, min_bits: int) -> bool:

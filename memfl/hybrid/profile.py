@@ -10,13 +10,14 @@ Segments are what a hybrid plan decides about: keep, recompute or compress at b 
 What is recorded
 ----------------
 One real training forward at the real batch size runs with a recording
-``saved_tensors_hooks`` context around each segment. Every distinct non-leaf tensor autograd saves
-becomes a :class:`SavedTensor` with its bytes, shape, whether it is compressible
-(:func:`memfl.hybrid.compress.compressible`), the segments that save it (*savers*, in forward
-order) and the segments whose *input* it is (a recomputed segment keeps its input alive).
-Leaf tensors (parameters, buffers, the input batch) are not activations: they are counted in the
-fixed part. A tensor saved twice (a ReLU output the next conv saves again) is one record; two
-views of one storage count the storage once at full precision.
+``saved_tensors_hooks`` context around each segment. Every distinct tensor autograd saves becomes
+a :class:`SavedTensor` with its bytes, shape, how it would be compressed
+(:func:`memfl.hybrid.compress.compress_kind`: quantised, narrowed to int16, or not at all), whether
+it is a ReLU output, the segments that save it (*savers*, in forward order) and the segments whose
+*input* it is (a recomputed segment keeps its input alive). Parameters, buffers and the input batch
+are not activations: they are counted in the fixed part. A tensor saved twice (a ReLU output the
+next conv saves again) is one record; two views of one storage count the storage once at full
+precision.
 
 Times (this machine, divided by a device's ``speed`` by the planner):
 
@@ -29,7 +30,7 @@ Times (this machine, divided by a device's ``speed`` by the planner):
   step-time ratios are relative to.
 
 :func:`plan_memory` turns a profile and a per-segment plan into the predicted peak with a breakdown;
-the planner's ILP encodes exactly the same model.
+the planner (:mod:`memfl.hybrid.planner`) optimises exactly the same model.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ PROFILED_BITS = (8, 4, 2)
 
 #: transient bytes, as multiples of the segment's largest activation, while a segment in a mode
 #: runs its backward (gradient buffers; for compression also the decompressed copy and codes) --
-#: calibrated against `measure` (docs/FEDHYBRID.md); a recomputed segment adds its recomputed
-#: activations on top (counted exactly).
+#: set against memfl.memory.estimate on ResNet-18 (the planner verifies every plan with it
+#: anyway); a recomputed segment adds its recomputed activations on top (counted exactly).
 TRANSIENT_FACTOR = {"keep": 2.0, "recompute": 2.0, "q": 4.0}
 #: runtime bytes not in any tensor count (oneDNN primitive cache, Python objects, allocator slack)
 RUNTIME_OVERHEAD_BYTES = 2 << 20

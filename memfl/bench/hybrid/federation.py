@@ -93,6 +93,9 @@ def _plans_used(res: dict[str, Any]) -> dict[str, Plan]:
 
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # 2 OpenMP threads on 2 cores shared with other jobs stall badly
     t0 = time.time()
     base = base_config(quick)
     runs: dict[str, dict[str, Any]] = {}
