@@ -50,7 +50,7 @@ def test_other_block_counts_are_balanced_cuts_in_order(blocks):
         assert any(True for u in g for _ in model.get_submodule(u).parameters())
 
 
-def test_balanced_cut_lowers_the_largest_stage_of_a_resnet():
+def test_balanced_cut_splits_the_heavy_first_resnet_stage():
     torch.manual_seed(0)
     model = build_model("resnet18", in_channels=3, image_size=32, width=0.25)
     default = partition_model(model, 4)
