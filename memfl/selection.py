@@ -11,13 +11,14 @@ Oort's exploration/exploitation scheme, so they differ only in the utility:
   ``(T / t_i) ** alpha`` for clients slower than the preferred round duration ``T``. ``T`` is the
   ``pacer`` percentile of the candidates' durations; the pacer raises it by ``pacer_step``
   when the utility picked over the last ``pacer_window`` rounds fell below the window before.
-- ``fedhybrid`` (SPEC 3.1): ``Stat(i) * MemStat(i) * CompStat(i)`` plus the same staleness bonus,
-  with ``Stat(i) = mean(loss^2)`` over the client's last reported losses, ``MemStat(i) = min(1,
-  M_i / M_G)`` (predicted budget over the full-training peak: clients that must recompute or
-  compress are down-weighted) and ``CompStat(i) = 1 / t_i``, the client's predicted round time on
-  its device *under its plan* (compute including the plan's recompute/compression overhead, plus
-  transfer). Stat and CompStat are normalised by their maximum over the candidates so the product
-  lies in [0, 1] like the bonus.
+- ``fedhybrid`` (SPEC 3.1): ``Stat(i) * MemStat(i) * CompStat(i)`` with the same staleness bonus
+  added to Stat (like Oort, whose system penalty also scales the bonus: a slow client is not made
+  attractive by having waited), ``Stat(i) = mean(loss^2)`` over the client's last reported losses,
+  ``MemStat(i) = min(1, M_i / M_G)`` (predicted budget over the full-training peak: clients that
+  must recompute or compress are down-weighted) and ``CompStat(i) = 1 / t_i``, the client's
+  predicted round time on its device *under its plan* (compute including the plan's
+  recompute/compression overhead, plus transfer). Stat and CompStat are normalised by their
+  maximum over the candidates.
 
 Exploration (both utilities): a share ``epsilon`` of the picks goes to clients never selected
 (``epsilon`` starts at ``explore`` and decays by ``explore_decay`` per round to ``explore_min``),
@@ -114,11 +115,11 @@ class Selector:
                     u *= (T / t) ** self.alpha
                 out[c.id] = u
             return out
-        # fedhybrid: Stat x MemStat x CompStat + UCB staleness bonus
+        # fedhybrid: (Stat + UCB staleness bonus) x MemStat x CompStat
         top_stat = max(self.stats[c.id].loss_sq for c in explored) or 1.0
         top_comp = max(1.0 / c.seconds for c in candidates)
-        return {c.id: (self.stats[c.id].loss_sq / top_stat) * c.mem_stat
-                * ((1.0 / c.seconds) / top_comp) + self._bonus(rnd, self.stats[c.id])
+        return {c.id: (self.stats[c.id].loss_sq / top_stat + self._bonus(rnd, self.stats[c.id]))
+                * c.mem_stat * ((1.0 / c.seconds) / top_comp)
                 for c in explored}
 
     def _prior(self, candidates: list[Candidate]) -> np.ndarray:
