@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("bench", help="run a named benchmark (results + markdown table)")
-    p.add_argument("name")
+    p.add_argument("name", help="memory | overhead | fedavg | scalefl | hybrid (hybrid-fit, hybrid-predictor, "
+                   "hybrid-federation) | flower")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--quick", action="store_true", help="a smaller version for a smoke test")
     p.set_defaults(func=cmd_bench)
