@@ -203,3 +203,27 @@ def test_memfl_flower_local_refuses_clients_other_than_nodes(capsys):
 
     assert main(["flower", "local", "--nodes", "3", "--clients", "10"]) == 2
     assert "every SuperNode is one client" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("insecure", [True, False])
+def test_warm_superexec_runs_the_command_line_flowers_executor_would(monkeypatch, insecure):
+    """The warm SuperExec calls Flower's own flwr-clientapp / flwr-serverapp entry points with the
+    arguments Flower's SubprocessExecutor would start them with (guards against flwr drifting)."""
+    import subprocess
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    from memfl.runtime.flower.superexec import fork_executor_class
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
+    executor = fork_executor_class()
+    for task_type in (TaskType.CLIENT_APP, TaskType.SERVER_APP):
+        spec = ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token="t0k3n",
+                             insecure=insecure, root_certificates_path=None if insecure else "/ca.crt",
+                             runtime_dependency_install=False, parent_pid=4242, suppress_output=False, task_id=7)
+        SubprocessExecutor().launch(spec)
+        assert executor.argv(spec) == started[-1]
+        assert task_type in executor().entries  # forked, not started as a new process

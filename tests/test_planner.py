@@ -52,24 +52,40 @@ def test_profile_records_segments_and_saved_tensors(small_profile):
     assert full["saved_full"] > 0 and full["peak_bytes"] > prof.fixed_bytes()
 
 
-def test_dp_and_ilp_are_exact_against_brute_force(small_profile):
-    """The DP's and the ILP's optimum equal the best of all 5**4 plans under the same model."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_dp_and_ilp_are_exact_against_brute_force(small_profile, fused):
+    """The DP's and the ILP's optimum equal the best of all 5**4 plans under the same model
+    (with and without the optimizer step fused into backward)."""
     prof = small_profile
     modes = allowed_modes()
+    options = {"mixed": True, "min_bits": 2, **({"fused_step": True} if fused else {})}
     plans = []
     for combo in itertools.product(modes, repeat=prof.head):
         seg = dict(zip(prof.names, combo))
-        plans.append((plan_seconds(prof, seg), plan_memory(prof, seg, {"mixed": True, "min_bits": 2})["peak_bytes"], combo))
+        plans.append((plan_seconds(prof, seg), plan_memory(prof, seg, options)["peak_bytes"], combo))
     lo = min(p for _, p, _ in plans)
     hi = max(p for _, p, _ in plans)
-    assert min_feasible(prof) == lo
+    assert min_feasible(prof, fused=fused) == lo
     for frac in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
         budget = lo + frac * (hi - lo)
         best = min(t for t, p, _ in plans if p <= budget)
         for method in ("dp", "ilp"):
-            choice = solve(prof, budget, method=method)
+            choice = solve(prof, budget, method=method, fused=fused)
             assert choice.model_peak_bytes <= budget
             assert choice.added_seconds == pytest.approx(best, abs=1e-9)
+            assert bool(choice.plan.options.get("fused_step")) == fused or choice.plan.kind == "full"
+
+
+def test_fused_step_lowers_the_smallest_feasible_budget(small_profile):
+    """Fusing the optimizer step into backward frees the gradients: a lower floor, and the
+    planner's default uses it for SGD (per-parameter)."""
+    prof = small_profile
+    plain, fused = min_feasible(prof, fused=False), min_feasible(prof, fused=True)
+    assert fused < plain
+    assert plain - fused <= prof.grad_bytes
+    assert min_feasible(prof) == fused
+    c = solve(prof, fused)
+    assert c.plan.options.get("fused_step") is True
 
 
 def test_min_bits_guard_and_infeasible_budget(small_profile):
@@ -100,10 +116,14 @@ def test_verification_corrects_the_model_with_the_estimator(small_profile):
 
     full = plan_memory(prof, {})["peak_bytes"]
     budget = int((1.1 * min_feasible(prof) / 0.98 + 1.1 * full) / 2)  # between min and full
-    c = plan_for_budget(prof, budget, estimate_fn=pessimist, margin=0.02)
+    c = plan_for_budget(prof, budget, estimate_fn=pessimist, margin=0.02, slack_bytes=0)
     assert c.verified and c.predicted_peak_bytes == pessimist(c.plan)
     assert c.predicted_peak_bytes <= budget * 0.98 and c.plan.kind == "hybrid"
-    assert plan_for_budget(prof, 2 * full, estimate_fn=None).plan.kind == "full"
+    assert plan_for_budget(prof, 2 * full, estimate_fn=None, slack_bytes=0).plan.kind == "full"
+    # the absolute slack (default 2 MiB) comes off the budget as well
+    with pytest.raises(InfeasibleBudget) as err:
+        plan_for_budget(prof, budget, estimate_fn=pessimist, margin=0.02, slack_bytes=budget)
+    assert err.value.min_feasible_bytes > budget
 
 
 def _deep_net(layers=6, width=16):

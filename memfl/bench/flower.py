@@ -3,13 +3,15 @@
 ``memfl bench flower --out OUT [--quick]``: the same small FedAvg workload (``cnn`` on
 Fashion-MNIST, or the synthetic set when it is missing; 3 clients, all 3 per round, a few local
 steps) runs first in the in-process simulator, then on a real Flower SuperLink and 3 SuperNodes on
-127.0.0.1 (``memfl flower local``), in one process, one after the other. Both runs use the same
-config and seed, so they train the same clients on the same data from the same model.
+127.0.0.1 (``memfl flower local``) twice -- with Flower's own SuperExec (a fresh ``flwr-clientapp``
+process per message, ``--cold``) and with memfl's warm SuperExec (forked ClientApps, the default)
+-- in one process, one after the other. All runs use the same config and seed, so they train the
+same clients on the same data from the same model.
 
 Reported: each runtime's per-round wall time and their ratio; for Flower also the fixed costs
 (starting the federation, starting the ServerApp and asking the nodes who they are) and, per round,
 where the time goes: serialisation (tensors to/from Flower records, both sides), the ClientApp
-process (a fresh ``flwr-clientapp`` per message: Python, imports, fetching the message), the
+process (its start and fetching the message), the
 trainer's set-up and compute, and delivery (the SuperNode's and SuperExec's polling, HTTP to the
 SuperLink, the server's polling), with the bytes on the wire from ``flwr ls``.
 """
@@ -99,9 +101,42 @@ def _breakdown(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _flower(config, fl_out: Path, warm: bool, steady: list[int], sim_med: float) -> dict[str, Any]:
+    """Run ``config`` on ``memfl flower local`` (cold: Flower's SuperExec; warm: memfl's)."""
+    from memfl.runtime.flower.local import run_local
+
+    shutil.rmtree(fl_out, ignore_errors=True)
+    fl_config = build_config({**config.to_json(), "run": {**config.to_json()["run"], "out": str(fl_out)}})
+    lines: list[tuple[float, str]] = []
+    t0 = time.perf_counter()
+    flower = run_local(fl_config, NODES, timeout=1800, round_timeout=300, warm=warm,
+                       log=lambda line: lines.append((time.perf_counter() - t0, line)))
+    wall = time.perf_counter() - t0
+    fl_rounds = [r["round_seconds"] for r in flower["rounds"]]
+    breakdown = _breakdown(flower["rounds"])
+    parts = [k for k in breakdown[0] if k.endswith("_seconds") and k not in
+             ("round_seconds", "push_seconds", "wait_seconds", "round_trip_seconds", "evaluate_seconds")]
+    med = statistics.median(fl_rounds[i] for i in steady)
+    return {
+        "warm": warm,
+        "round_seconds": fl_rounds,
+        "median_round_seconds": med,
+        "ratio": med / sim_med,
+        "wall_seconds": wall,
+        "start_seconds": next((t for t, line in lines if line.startswith("Flower SuperLink on")), None),
+        "first_round_done_seconds": next((t for t, line in lines if "round 1/" in line), None),
+        "flower_run": flower["flower_run"],
+        "breakdown": breakdown,
+        "mean_parts": {k: _mean([breakdown[i][k] for i in steady]) for k in parts},
+        "accuracy": [r["accuracy"] for r in flower["rounds"]],
+        "clients": [[c["id"] for c in r["clients"]] for r in flower["rounds"]],
+        "flwr": flower["memfl"].get("flwr"),
+    }
+
+
 def run(out: Path, quick: bool) -> dict[str, Any]:
     from memfl.data import DataError
-    from memfl.runtime.flower.local import local_settings, run_local
+    from memfl.runtime.flower.local import local_settings
     from memfl.runtime.sim import load_data, run_experiment
 
     out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +145,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         load_data(_config(out, quick, dataset))
     except DataError:
         dataset = "synthetic"
-    sim_out, fl_out = out / "flower-bench-sim", out / "flower-bench-flower"
-    for d in (sim_out, fl_out):
-        shutil.rmtree(d, ignore_errors=True)
+    sim_out = out / "flower-bench-sim"
+    shutil.rmtree(sim_out, ignore_errors=True)
     config = local_settings(_config(sim_out, quick, dataset), NODES).config  # as `memfl flower local` sees it
 
     load_before = os.getloadavg()
@@ -129,50 +163,31 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         torch.set_num_threads(saved_threads)
     sim_wall = time.perf_counter() - t0
 
-    # 2. the same experiment on Flower, on 127.0.0.1
-    fl_config = build_config({**config.to_json(), "run": {**config.to_json()["run"], "out": str(fl_out)}})
-    lines: list[tuple[float, str]] = []
-    t0 = time.perf_counter()
-    flower = run_local(fl_config, NODES, timeout=1800, round_timeout=300,
-                       log=lambda line: lines.append((time.perf_counter() - t0, line)))
-    fl_wall = time.perf_counter() - t0
-    started = next((t for t, line in lines if line.startswith("Flower SuperLink on")), None)
-    first_round = next((t for t, line in lines if "round 1/" in line), None)
-
+    # 2. the same experiment on Flower, on 127.0.0.1: with Flower's own SuperExec (a fresh
+    # `flwr-clientapp` process per message), then with memfl's warm SuperExec (forked ClientApps)
     sim_rounds = [r["round_seconds"] for r in sim["rounds"]]
-    fl_rounds = [r["round_seconds"] for r in flower["rounds"]]
     # steady state: leave out round 1 (warm-up) and the evaluated last round
     steady = [i for i, r in enumerate(sim["rounds"]) if i > 0 and r["accuracy"] is None] or list(range(len(sim_rounds)))
-    breakdown = _breakdown(flower["rounds"])
-    parts = [k for k in breakdown[0] if k.endswith("_seconds") and k not in
-             ("round_seconds", "push_seconds", "wait_seconds", "round_trip_seconds", "evaluate_seconds")]
-    mean_parts = {k: _mean([breakdown[i][k] for i in steady]) for k in parts}
     sim_med = statistics.median(sim_rounds[i] for i in steady)
-    fl_med = statistics.median(fl_rounds[i] for i in steady)
+    runs = {}
+    for name, warm in (("cold", False), ("warm", True)):
+        runs[name] = _flower(config, out / f"flower-bench-flower-{name}", warm, steady, sim_med)
+        runs[name]["same_clients"] = [[c["id"] for c in r["clients"]] for r in sim["rounds"]] == runs[name].pop("clients")
     summary = {
         "workload": {"dataset": dataset, "model": "cnn", "clients": NODES, "per_round": NODES,
                      "rounds": config.run.rounds, "max_steps": config.train.max_steps,
                      "batch_size": config.train.batch_size},
         "sim_round_seconds": sim_rounds,
-        "flower_round_seconds": fl_rounds,
         "steady_rounds": [i + 1 for i in steady],
         "sim_median_round_seconds": sim_med,
-        "flower_median_round_seconds": fl_med,
-        "ratio": fl_med / sim_med,
-        "ratio_all_rounds": statistics.median(fl_rounds) / statistics.median(sim_rounds),
         "sim_wall_seconds": sim_wall,
-        "flower_wall_seconds": fl_wall,
-        "flower_start_seconds": started,
-        "flower_first_round_done_seconds": first_round,
-        "flower_run": flower["flower_run"],
-        "flower_breakdown": breakdown,
-        "flower_mean_parts": mean_parts,
+        "sim_accuracy": [r["accuracy"] for r in sim["rounds"]],
+        "flower": runs["cold"],  # Flower's own SuperExec (its default)
+        "flower_warm": runs["warm"],  # memfl's warm SuperExec (`memfl flower local`'s default)
+        "ratio": runs["cold"]["ratio"],
+        "ratio_warm": runs["warm"]["ratio"],
         "serde": _serde_seconds(config),
-        "same_clients": [[c["id"] for c in r["clients"]] for r in sim["rounds"]]
-        == [[c["id"] for c in r["clients"]] for r in flower["rounds"]],
-        "accuracy": {"sim": [r["accuracy"] for r in sim["rounds"]],
-                     "flower": [r["accuracy"] for r in flower["rounds"]]},
-        "torch": torch.__version__, "flwr": flower["memfl"].get("flwr"), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "flwr": runs["cold"]["flwr"], "cpus": os.cpu_count(),
         "threads_per_client": threads,
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }
@@ -183,7 +198,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
 
 def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
     w = s["workload"]
-    traffic = (s["flower_run"].get("network-traffic") or {}).get("total-bytes")
+    cold, warm = s["flower"], s["flower_warm"]
     lines = [
         "### Flower runtime vs the in-process simulator",
         "",
@@ -195,44 +210,57 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         f"FedAvg, `cnn` on {w['dataset']}, {w['clients']} clients, all {w['per_round']} per round, "
         f"{w['rounds']} rounds of {w['max_steps']} local steps at batch {w['batch_size']}. The simulator runs the "
         "clients one after the other in this process; Flower runs a SuperLink and 3 SuperNodes on 127.0.0.1 "
-        "(`memfl flower local`), each client in its own `flwr-clientapp` process, all three at once. Every "
-        f"client trains with {s['threads_per_client']} torch thread(s) in both runtimes (what `memfl flower local` "
-        "gives a node: cores / nodes). Same config and seed, one run after the other.",
+        "(`memfl flower local`), each client in its own ClientApp process, all three at once: *cold* with "
+        "Flower's own SuperExec (a fresh `flwr-clientapp` process per message, `--cold`), *warm* with memfl's "
+        "SuperExec (`memfl.runtime.flower.superexec`: each ClientApp forked from a process that has imported "
+        f"torch, flwr and memfl already; the default). Every client trains with {s['threads_per_client']} torch "
+        "thread(s) in all runs (what `memfl flower local` gives a node: cores / nodes). Same config and seed, "
+        "one run after the other.",
         "",
-        "| round | simulator s | Flower s | ratio |",
-        "|---:|---:|---:|---:|",
+        "| round | simulator s | Flower cold s | ratio | Flower warm s | ratio |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     last = len(s["sim_round_seconds"])
-    for i, (a, b) in enumerate(zip(s["sim_round_seconds"], s["flower_round_seconds"]), start=1):
+    for i, (a, b, c) in enumerate(zip(s["sim_round_seconds"], cold["round_seconds"], warm["round_seconds"]), start=1):
         note = " (warm-up)" if i == 1 else " (evaluated)" if i == last else ""
-        lines.append(f"| {i}{note} | {a:.2f} | {b:.2f} | {b / a:.1f} |")
+        lines.append(f"| {i}{note} | {a:.2f} | {b:.2f} | {b / a:.1f} | {c:.2f} | {c / a:.1f} |")
+    rounds = ", ".join(map(str, s["steady_rounds"]))
     lines += [
         "",
-        f"**Median round (rounds {', '.join(map(str, s['steady_rounds']))}): simulator {s['sim_median_round_seconds']:.2f} s, Flower "
-        f"{s['flower_median_round_seconds']:.2f} s, ratio {s['ratio']:.1f}** (all rounds: {s['ratio_all_rounds']:.1f}; "
-        "the global model is evaluated on the test set after the last round only). "
-        f"Whole job: simulator {s['sim_wall_seconds']:.0f} s, Flower {s['flower_wall_seconds']:.0f} s "
-        f"(federation up after {s['flower_start_seconds'] or 0:.0f} s, first round done after "
-        f"{s['flower_first_round_done_seconds'] or 0:.0f} s){f', {traffic / 2**20:.1f} MiB on the wire' if traffic else ''}. "
-        f"Same clients every round: {'yes' if s['same_clients'] else 'NO'}.",
+        f"**Median round (rounds {rounds}): simulator {s['sim_median_round_seconds']:.2f} s, Flower cold "
+        f"{cold['median_round_seconds']:.2f} s (ratio {cold['ratio']:.1f}), Flower warm "
+        f"{warm['median_round_seconds']:.2f} s (ratio {warm['ratio']:.1f}).** The global model is evaluated on "
+        "the test set after the last round only.",
+        "",
+    ]
+    for name, r in (("cold", cold), ("warm", warm)):
+        traffic = (r["flower_run"].get("network-traffic") or {}).get("total-bytes")
+        lines.append(
+            f"- {name}: whole job {r['wall_seconds']:.0f} s (simulator {s['sim_wall_seconds']:.0f} s): federation up "
+            f"after {r['start_seconds'] or 0:.0f} s, first round done after {r['first_round_done_seconds'] or 0:.0f} s"
+            f"{f', {traffic / 2**20:.1f} MiB on the wire' if traffic else ''}; same clients every round as the "
+            f"simulator: {'yes' if r['same_clients'] else 'NO'}.")
+    lines += [
         "",
         "Where a Flower round goes (the same rounds; client parts: mean over the clients, which run in parallel):",
         "",
-        "| part | s |",
-        "|---|---:|",
+        "| part | cold s | warm s |",
+        "|---|---:|---:|",
     ]
     names = {
         "server_serialize_seconds": "server: tensors to/from Flower records",
         "client_serialize_seconds": "client: tensors to/from Flower records",
-        "clientapp_process_seconds": "ClientApp process start (Python, flwr + torch imports, message fetch)",
-        "client_data_seconds": "client: load + partition its data",
-        "trainer_setup_seconds": "client: trainer set-up (model build, first optimizer: torch._dynamo import)",
+        "clientapp_process_seconds": "ClientApp process start (cold: Python, flwr + torch imports; warm: fork), "
+                                     "message fetch",
+        "client_data_seconds": "client: load its data share",
+        "trainer_setup_seconds": "client: trainer set-up (model build, first optimizer: torch._dynamo import "
+                                 "when cold)",
         "compute_seconds": "client: local training (the simulator's compute)",
         "delivery_seconds": "delivery: SuperNode/SuperExec polling, HTTP, reply upload, server polling",
         "server_rest_seconds": "server: planning, aggregation, evaluation, checkpoint",
     }
-    for k, v in s["flower_mean_parts"].items():
-        lines.append(f"| {names.get(k, k)} | {v:.2f} |")
+    for k, v in cold["mean_parts"].items():
+        lines.append(f"| {names.get(k, k)} | {v:.2f} | {warm['mean_parts'].get(k, 0.0):.2f} |")
     sd = s["serde"]
     lines += [
         "",
@@ -240,12 +268,13 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         f"instruction {1000 * sd['instruction_round_trip_seconds']:.1f} ms, result "
         f"{1000 * sd['result_round_trip_seconds']:.1f} ms.",
         "",
-        "What would shrink it: the fixed costs are Flower's, not memfl's — a fresh `flwr-clientapp` process per "
-        "message (importing torch each time), the SuperNode's fixed 3 s sleep between polls when idle, and the "
-        "first optimizer's `torch._dynamo` import in every fresh process. (memfl already keeps each node's data "
-        "share on disk for the run, so a message does not reload the data set.) A long-lived ClientApp process "
-        "(or a shorter SuperNode poll) would remove most of the rest; serialisation costs milliseconds. On real "
-        "devices local training takes minutes, and a fixed cost of seconds per round fades.",
+        "What is left, and what would shrink it: serialisation costs milliseconds; the fixed costs are Flower's "
+        "process model and polling. The warm SuperExec removes the per-message interpreter start and imports. "
+        "What remains is delivery: an idle SuperNode sleeps a fixed 3 s between polls of the SuperLink (not "
+        "configurable in flwr 1.41), waits for the ClientApp's reply in 0.5 s steps, and the ClientApp fetches "
+        "the message and installs the app bundle over the SuperNode's HTTP API. A shorter SuperNode poll would "
+        "remove most of that. On real devices local training takes minutes, and a fixed cost of seconds per round "
+        "fades.",
         "",
     ]
     return "\n".join(lines)

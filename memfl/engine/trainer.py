@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from memfl.engine import make_optimizer, prepare
+from memfl.engine import make_step_optimizer, prepare
 from memfl.protocol import Instruction, Plan, Result
 
 #: how many per-sample losses a client reports (FedHybrid/Oort data utility uses them)
@@ -60,8 +60,12 @@ class LocalTrainer:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        optimizer = make_optimizer(params, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)
         anchor = [p.detach().clone() for p in params] if hp.prox_mu > 0 else None
+        # a fused step (plan option) updates each parameter inside backward; it then applies the
+        # FedProx term itself, so the loss gets it only without fusion
+        optimizer = make_step_optimizer(step, params, hp.optimizer, hp.lr, hp.momentum,
+                                        hp.weight_decay, prox_mu=hp.prox_mu, anchor=anchor)
+        prox_in_loss = anchor is not None and not step.step_in_backward
         saved = step.saved_tensors or contextlib.nullcontext
 
         gen = torch.Generator().manual_seed(instruction.seed)
@@ -82,7 +86,7 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 with saved():
                     loss, per_sample = step.loss(xb, yb)
-                    if anchor is not None:
+                    if prox_in_loss:
                         prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
                         loss = loss + 0.5 * hp.prox_mu * prox
                     loss.backward()
@@ -97,6 +101,8 @@ class LocalTrainer:
             if hp.max_steps is not None and steps >= hp.max_steps:
                 break
         seconds = time.perf_counter() - start
+        if hasattr(optimizer, "remove"):  # a fused step's hooks stay off the cached model
+            optimizer.remove()
 
         sample = torch.cat(last_losses) if last_losses else torch.zeros(0)
         if len(sample) > SAMPLE_LOSSES:

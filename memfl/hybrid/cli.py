@@ -101,7 +101,7 @@ def cmd_plan(args: Any) -> int:
     try:
         choice, prof, full_peak = solve_for_model(
             factory, input_shape, args.budget, optimizer=args.optimizer, speed=args.speed,
-            margin=args.margin, min_bits=args.min_bits)
+            margin=args.margin, min_bits=args.min_bits, slack_bytes=int(args.slack * MB))
     except InfeasibleBudget as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
@@ -109,6 +109,7 @@ def cmd_plan(args: Any) -> int:
     out: dict[str, Any] = {
         "model": args.model, "input_shape": list(input_shape), "optimizer": args.optimizer,
         "budget_bytes": choice.budget_bytes, "full_peak_bytes": full_peak,
+        "fused_step": bool(choice.plan.options.get("fused_step", False)),
         "predicted_peak_bytes": choice.predicted_peak_bytes,
         "added_seconds": choice.added_seconds, "full_step_seconds": choice.step_seconds,
         "step_time_ratio": choice.step_time_ratio, "predicted_step_time_ratio": choice.step_time_ratio,
@@ -167,6 +168,9 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="device speed (1.0 = this machine)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help="plan for a peak of at most budget x (1 - margin)")
+    p.add_argument("--slack", type=float, default=0.0,
+                   help="MB kept free on top of the margin (the estimator's absolute error, 1-3 MB, "
+                        "matters for small models)")
     p.add_argument("--min-bits", dest="min_bits", type=float, default=DEFAULT_MIN_BITS,
                    help="accuracy guard: lowest average bits a segment may be compressed to")
     p.add_argument("--steps", type=int, default=3, help="training steps per measurement")

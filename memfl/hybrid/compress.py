@@ -164,6 +164,20 @@ def allocate_bits(ranges: torch.Tensor, target: float, *, mixed: bool = True,
     return bits
 
 
+def _grouped(shape: tuple[int, ...], cdim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(tensor view, per-channel view) shapes for channel-wise arithmetic: ``(outer, C, inner)`` /
+    ``(1, C, 1)``, or ``(outer, C)`` / ``(1, C)`` when the channel dim is the last. Broadcasting a
+    per-channel vector over a 3-d view with a long contiguous inner dim is several times faster
+    than over the original 4-d shape (PyTorch's elementwise loops on CPU: 2 ms instead of 11 ms for
+    a 64x64x32x32 addcmul on one thread)."""
+    C = shape[cdim]
+    outer = math.prod(shape[:cdim])
+    inner = math.prod(shape[cdim + 1:])
+    if inner == 1:
+        return (outer, C), (1, C)
+    return (outer, C, inner), (1, C, 1)
+
+
 def _shape_for(C: int, cdim: int, ndim: int) -> list[int]:
     shape = [1] * ndim
     shape[cdim] = C
@@ -293,10 +307,12 @@ class Packed:
         positions = numel // C
         if self.order is None:
             bits = self.groups[0][0]
-            codes = unpack_codes(self.codes, bits, numel).view(self.shape)
-            view = _shape_for(C, self.cdim, ndim)
-            out = torch.addcmul(self.minimum.view(view), codes, self.step.view(view))
-            del codes
+            flat, view = _grouped(self.shape, self.cdim)
+            # one float buffer, updated in place (uint8 operands of addcmul are promoted through
+            # an extra copy)
+            out = unpack_codes(self.codes, bits, numel).view(flat).to(torch.float32)
+            out.mul_(self.step.view(view)).add_(self.minimum.view(view))
+            out = out.view(self.shape)
         else:
             vals = torch.empty((C, positions), dtype=torch.float32, device=self.codes.device)
             mn, st = self.minimum[self.order], self.step[self.order]
@@ -379,8 +395,8 @@ def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: in
     codes = torch.empty(_code_bytes(positions, C, target), dtype=torch.uint8, device=xd.device)
     if not (mixed and _mixed_layout(target, min_bits)):  # one width for every channel
         b = int(bits[0])
-        view = _shape_for(C, cdim, ndim)
-        q = _stochastic_codes(xd, mn.view(view), inv.view(view))
+        flat, view = _grouped(shape, cdim)
+        q = _stochastic_codes(xd.reshape(flat), mn.view(view), inv.view(view))
         pack_codes(q, b, out=codes[:-(-q.numel() * b // 8)])
         order, groups = None, [(b, C, 0)]
     else:  # channels sorted by width, channel-major: every width group is a contiguous block

@@ -15,7 +15,10 @@ model segment by segment (:func:`memfl.hybrid.profile.segments_of`), each as its
 
 The head (pooling, classifier, loss) always keeps its tensors; segments the plan does not name are
 kept. ``plan.options``: ``mixed`` (default True: more bits for wide-range channels; False: uniform
-bits, the baseline), ``min_bits`` (default 1: the floor of the per-channel bits).
+bits, the baseline), ``min_bits`` (default 1: the floor of the per-channel bits), ``fused_step``
+(default False: the optimizer step runs inside backward, each parameter updated and its gradient
+freed as soon as the gradient is complete -- ``TrainStep.step_in_backward``, see
+:class:`memfl.engine.StepInBackward`; exact for per-parameter optimizers).
 
 Hooks: ``TrainStep.saved_tensors`` is one ``saved_tensors_hooks`` context for the whole step whose
 pack hook dispatches on the segment being run (recomputed segments never reach it: checkpoint
@@ -166,5 +169,6 @@ def prepare_hybrid(model: nn.Module, plan: Plan) -> TrainStep:
         forward=forward,
         saved_tensors=forward.hooks,
         sent_buffers=[n for n, _ in model.named_buffers()],
+        step_in_backward=bool((plan.options or {}).get("fused_step", False)),
     )
 

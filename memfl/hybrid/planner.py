@@ -23,6 +23,11 @@ same model is also available as a 0-1 integer linear program for HiGHS (``highsp
 - objective: sum of added seconds (recompute = the segment's forward; compression = its pack +
   unpack cost), divided by the device's speed (which therefore never changes the plan, only its
   time).
+- ``fused``: the optimizer step runs inside backward (plan option ``fused_step``,
+  :class:`memfl.engine.StepInBackward`), so a row holds one module's gradients instead of all
+  those produced so far; on by default for every hybrid plan when the optimizer is per-parameter
+  (:func:`fusable`). It only adds a constant (``ModelProfile.fused_seconds``: one optimizer call per
+  parameter) to every plan's time, so it never changes which plan is fastest.
 
 DP: after segment ``s`` the state is its mode plus the Pareto set of (bytes alive so far, seconds
 so far) of the partial plans reaching it; a row is checked once the next segment's mode is known.
@@ -45,6 +50,7 @@ peak. The plan it returns carries that estimate as ``predicted_peak_bytes``.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -67,6 +73,13 @@ DEFAULT_BITS = (8, 4, 2)
 DEFAULT_MIN_BITS = 2
 #: default safety margin between the estimated peak and the budget
 DEFAULT_MARGIN = 0.03
+#: absolute slack (bytes) on top of the margin, default 0: the estimator leaves out runtime state
+#: that is no tensor beyond its 1 MiB constant (measured minus estimated: -0.6 to +2.8 MiB on the
+#: shipped models, see memfl.memory.estimate; hybrid plans of a width-0.25 ResNet-18 at batch 16
+#: measured 1.3-2.9 MB above their estimate). The 3% margin covers that from ~100 MB budgets up;
+#: for smaller models pass ``slack_bytes`` (``memfl plan --slack MB``), e.g. SMALL_MODEL_SLACK_BYTES
+ESTIMATOR_SLACK_BYTES = 0
+SMALL_MODEL_SLACK_BYTES = 3 << 20
 #: chains up to this many segments are solved exactly; longer ones with memory rounded up to
 #: budget / 2**14 (conservative; see _solve_dp)
 EXACT_SEGMENTS = 64
@@ -161,7 +174,7 @@ class _Program:
 
 
 def _build(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
-           speed: float) -> _Program:
+           speed: float, fused: bool = False) -> _Program:
     S, M = prof.head, len(modes)
     pg = _Program(prof, modes, mixed, min_bits)
     for s in range(S):
@@ -240,7 +253,7 @@ def _build(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
                 col = pg.x(s, m)
                 row[col] = row.get(col, 0.0) + transient_bytes(prof, s, mode)
         pg.mem_rows.append(row)
-        pg.mem_const.append(acc_const + prof.fixed_bytes() + prof.grads_alive(s))
+        pg.mem_const.append(acc_const + prof.fixed_bytes() + prof.grads_alive(s, fused))
     return pg
 
 
@@ -307,17 +320,20 @@ def _solve(pg: _Program, *, budget: float | None) -> tuple[list[str], float] | N
 
 
 def _choice(prof: ModelProfile, modes: list[str], budget: int, speed: float, *, mixed: bool,
-            min_bits: int, seconds: float) -> PlanChoice:
+            min_bits: int, seconds: float, fused: bool = False) -> PlanChoice:
     seg = dict(zip(prof.names, modes))
-    options = {"mixed": mixed, "min_bits": int(min_bits)}
+    options: dict[str, Any] = {"mixed": mixed, "min_bits": int(min_bits)}
+    if fused:
+        options["fused_step"] = True
     mem = plan_memory(prof, seg, options)["peak_bytes"]
-    if all(m == "keep" for m in modes):
+    if all(m == "keep" for m in modes) and not fused:
         plan = Plan()
     else:
         plan = Plan(kind="hybrid", segments={k: v for k, v in seg.items() if v != "keep"},
                     options=options)
     return PlanChoice(plan=plan, modes=seg, predicted_peak_bytes=mem, model_peak_bytes=mem,
-                      added_seconds=plan_seconds(prof, seg, speed),
+                      added_seconds=plan_seconds(prof, seg, speed)
+                      + (prof.fused_seconds / speed if fused else 0.0),
                       step_seconds=prof.step_seconds / speed, budget_bytes=int(budget),
                       solve_seconds=seconds)
 
@@ -335,7 +351,7 @@ class _Chain:
 
 
 def _chain(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
-           speed: float) -> _Chain:
+           speed: float, fused: bool = False) -> _Chain:
     S, M = prof.head, len(modes)
     base = ["keep"] * S
     unary = [[0.0] * M for _ in range(S)]
@@ -369,7 +385,7 @@ def _chain(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
     row_const, acc = [], 0.0
     for s in range(S + 1):
         acc += const[s]
-        row_const.append(prof.fixed_bytes() + prof.grads_alive(s) + acc)
+        row_const.append(prof.fixed_bytes() + prof.grads_alive(s, fused) + acc)
     extra = [[(recompute_bytes(prof, s) if mode == "recompute" else 0) + transient_bytes(prof, s, mode)
               for mode in modes] for s in range(S)]
     time_ = [[prof.added_seconds(s, mode, speed) for mode in modes] for s in range(S)]
@@ -450,45 +466,62 @@ def _solve_dp(ch: _Chain, budget: float | None, resolution: float = 0.0) -> tupl
 
 def solve(prof: ModelProfile, budget_bytes: float, *, speed: float = 1.0,
           bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAULT_MIN_BITS,
-          recompute: bool = True, mixed: bool = True, method: str = "dp") -> PlanChoice:
+          recompute: bool = True, mixed: bool = True, method: str = "dp",
+          fused: bool | None = None) -> PlanChoice:
     """The fastest plan whose *model* peak is <= ``budget_bytes`` (exact; no verification).
 
     method: ``"dp"`` (default, the dynamic program) or ``"ilp"`` (HiGHS); both are exact for the
     same model and give the same added time (tests check it against brute force).
+    fused:  fuse the optimizer step into backward (plan option ``fused_step``; default
+            :func:`fusable`: when the profile's optimizer is per-parameter).
     Raises :class:`InfeasibleBudget` (with the smallest feasible model budget) when none is.
     """
     modes = allowed_modes(bits, min_bits, recompute)
+    fused = fusable(prof) if fused is None else bool(fused)
     t0 = time.perf_counter()
     mb = int(max(1, min_bits))
     if method == "dp":
         # exact up to EXACT_SEGMENTS segments; longer chains round memory to budget / 2**14
         resolution = 0.0 if prof.head <= EXACT_SEGMENTS else float(budget_bytes) / 2 ** 14
-        res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed), float(budget_bytes),
-                        resolution)
+        res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
+                        float(budget_bytes), resolution)
     elif method == "ilp":
-        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed), budget=float(budget_bytes))
+        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
+                     budget=float(budget_bytes))
     else:
         raise ValueError(f"unknown method {method!r}; expected 'dp' or 'ilp'")
     if res is None:
         raise InfeasibleBudget(budget_bytes, min_feasible(prof, bits=bits, min_bits=min_bits,
-                                                          recompute=recompute, mixed=mixed))
+                                                          recompute=recompute, mixed=mixed,
+                                                          fused=fused))
     return _choice(prof, res[0], int(budget_bytes), speed, mixed=mixed, min_bits=mb,
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, fused=fused)
 
 
 def min_peak_choice(prof: ModelProfile, *, bits: Sequence[float] = DEFAULT_BITS,
                     min_bits: float = DEFAULT_MIN_BITS, recompute: bool = True,
-                    mixed: bool = True, speed: float = 1.0, method: str = "dp") -> PlanChoice:
+                    mixed: bool = True, speed: float = 1.0, method: str = "dp",
+                    fused: bool | None = None) -> PlanChoice:
     """The plan with the smallest model peak (exact)."""
     modes = allowed_modes(bits, min_bits, recompute)
+    fused = fusable(prof) if fused is None else bool(fused)
     t0 = time.perf_counter()
     mb = int(max(1, min_bits))
     if method == "dp":
-        res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed), None)
+        res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused), None)
     else:
-        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed), budget=None)
+        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
+                     budget=None)
     assert res is not None, "minimising the peak is always feasible"
-    return _choice(prof, res[0], 0, speed, mixed=mixed, min_bits=mb, seconds=time.perf_counter() - t0)
+    return _choice(prof, res[0], 0, speed, mixed=mixed, min_bits=mb, seconds=time.perf_counter() - t0,
+                   fused=fused)
+
+
+def fusable(prof: ModelProfile) -> bool:
+    """Whether the profile's optimizer updates each parameter from its own gradient and state
+    alone (SGD with momentum / weight decay / a FedProx term, Adam), so its step can be fused
+    into backward exactly (:class:`memfl.engine.StepInBackward`)."""
+    return prof.optimizer in ("sgd", "adam")
 
 
 def min_feasible(prof: ModelProfile, **kw: Any) -> int:
@@ -496,36 +529,55 @@ def min_feasible(prof: ModelProfile, **kw: Any) -> int:
     return min_peak_choice(prof, **kw).model_peak_bytes
 
 
-def uniform_plan(prof: ModelProfile, mode: str, *, mixed: bool = True) -> Plan:
+def uniform_plan(prof: ModelProfile, mode: str, *, mixed: bool = True, fused: bool = False) -> Plan:
     """Every segment in ``mode`` (the baselines: ``recompute`` everything, uniform ``q2``)."""
-    return Plan(kind="hybrid", segments={n: mode for n in prof.names},
-                options={"mixed": mixed, "min_bits": 1})
+    options: dict[str, Any] = {"mixed": mixed, "min_bits": 1}
+    if fused:
+        options["fused_step"] = True
+    return Plan(kind="hybrid", segments={n: mode for n in prof.names}, options=options)
 
 
 # ------------------------------------------------------------------ verified against the estimator
 
+def fit_limit(budget_bytes: float, margin: float = DEFAULT_MARGIN,
+              slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> float:
+    """The largest estimated peak a plan may have to be given a budget: ``budget x (1 - margin) -
+    slack`` (the margin and slack cover the estimator's error against a measured peak)."""
+    return budget_bytes * (1.0 - margin) - slack_bytes
+
+
+def budget_needed(predicted_peak_bytes: float, margin: float = DEFAULT_MARGIN,
+                  slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> int:
+    """The smallest budget whose :func:`fit_limit` admits ``predicted_peak_bytes``."""
+    return int((predicted_peak_bytes + slack_bytes) / (1.0 - margin)) + 1
+
+
 def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
                     estimate_fn: Callable[[Plan], int] | None, speed: float = 1.0,
-                    margin: float = DEFAULT_MARGIN, bits: Sequence[float] = DEFAULT_BITS,
+                    margin: float = DEFAULT_MARGIN, slack_bytes: int = ESTIMATOR_SLACK_BYTES, bits: Sequence[float] = DEFAULT_BITS,
                     min_bits: float = DEFAULT_MIN_BITS, recompute: bool = True,
-                    mixed: bool = True, max_iter: int = 6) -> PlanChoice:
-    """The fastest plan whose peak, as ``estimate_fn`` predicts it, is <= budget * (1 - margin).
+                    mixed: bool = True, max_iter: int = 6, fused: bool | None = None) -> PlanChoice:
+    """The fastest plan whose peak, as ``estimate_fn`` predicts it, is <= :func:`fit_limit`
+    (budget x (1 - margin) - slack).
 
     ``estimate_fn``: plan -> estimated peak bytes (``memfl.memory.estimate`` on the model); None
-    trusts the planner's own model. Full training is returned when it fits. The model budget is
+    trusts the planner's own model. Full training is returned when it fits; otherwise every plan
+    fuses the optimizer step into backward when ``fused`` (default :func:`fusable`), which costs
+    no time and frees the gradients as they are used. The model budget is
     corrected by the estimator's disagreement and the program re-solved (at most ``max_iter``
     times); the fastest verified plan wins. Raises :class:`InfeasibleBudget` naming the smallest
     budget with a verified plan.
     """
     t0 = time.perf_counter()
-    target = budget_bytes * (1.0 - margin)
-    kw = dict(bits=bits, min_bits=min_bits, recompute=recompute, mixed=mixed)
+    target = fit_limit(budget_bytes, margin, slack_bytes)
+    fused = fusable(prof) if fused is None else bool(fused)
+    kw = dict(bits=bits, min_bits=min_bits, recompute=recompute, mixed=mixed, fused=fused)
     cache: dict[str, int] = {}
 
     def est(choice: PlanChoice) -> int:
         if estimate_fn is None:
             return choice.model_peak_bytes
-        key = repr(sorted(choice.modes.items()))
+        key = json.dumps(choice.plan.to_json(), sort_keys=True)
         if key not in cache:
             cache[key] = int(estimate_fn(choice.plan))
         return cache[key]
@@ -542,9 +594,12 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
     lowest = min_peak_choice(prof, speed=speed, **kw)
     lowest.predicted_peak_bytes, lowest.verified = est(lowest), estimate_fn is not None
     if lowest.predicted_peak_bytes > target:
-        raise InfeasibleBudget(budget_bytes, int(lowest.predicted_peak_bytes / (1.0 - margin)) + 1)
+        raise InfeasibleBudget(budget_bytes, budget_needed(lowest.predicted_peak_bytes, margin,
+                                                           slack_bytes))
     best = lowest
-    lo_b, hi_b = float(lowest.model_peak_bytes), float(full.model_peak_bytes)
+    top = _choice(prof, ["keep"] * prof.head, budget_bytes, speed, mixed=mixed,
+                  min_bits=int(max(1, min_bits)), seconds=0.0, fused=fused)  # keep all (fused)
+    lo_b, hi_b = float(lowest.model_peak_bytes), float(top.model_peak_bytes)
     model_budget = min(max(float(target), lo_b), hi_b)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # secant steps, then bisection on the model budget
@@ -559,7 +614,7 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
             if c.added_seconds < best.added_seconds:
                 best = c
             lo_b = max(lo_b, model_budget)
-            nxt = model_budget + (target - e) if hi_b >= full.model_peak_bytes else (lo_b + hi_b) / 2
+            nxt = model_budget + (target - e) if hi_b >= top.model_peak_bytes else (lo_b + hi_b) / 2
         else:
             hi_b = min(hi_b, model_budget)
             nxt = (model_budget - (e - target)) if c is not None else (lo_b + hi_b) / 2
@@ -576,17 +631,19 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
 
 
 def full_choice(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None,
-                speed: float = 1.0, margin: float = DEFAULT_MARGIN) -> PlanChoice:
-    """Full training as a :class:`PlanChoice` (its estimated peak; budget = the peak / (1 - margin))."""
+                speed: float = 1.0, margin: float = DEFAULT_MARGIN,
+                slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> PlanChoice:
+    """Full training as a :class:`PlanChoice` (its estimated peak; budget: :func:`budget_needed`)."""
     c = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=True, min_bits=1, seconds=0.0)
     if estimate_fn is not None:
         c.predicted_peak_bytes, c.verified = int(estimate_fn(c.plan)), True
-    c.budget_bytes = int(c.predicted_peak_bytes / (1.0 - margin)) + 1
+    c.budget_bytes = budget_needed(c.predicted_peak_bytes, margin, slack_bytes)
     return c
 
 
 def frontier(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None, levels: int = 16,
-             margin: float = DEFAULT_MARGIN, speed: float = 1.0, **kw: Any) -> list[PlanChoice]:
+             margin: float = DEFAULT_MARGIN, speed: float = 1.0,
+             slack_bytes: int = ESTIMATOR_SLACK_BYTES, **kw: Any) -> list[PlanChoice]:
     """A table of plans a server looks clients' budgets up in (:func:`pick`), fastest first.
 
     The exact program is solved for ``levels`` model budgets from the smallest peak to full
@@ -595,29 +652,40 @@ def frontier(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None, l
     than every plan with a lower estimated peak. ``budget_bytes`` of an entry is the smallest
     budget it fits with the margin.
     """
+    kw = dict(kw)
+    kw["fused"] = fusable(prof) if kw.get("fused") is None else bool(kw["fused"])
     lo = min_peak_choice(prof, speed=speed, **kw)
+    mb = int(max(1, kw.get("min_bits", DEFAULT_MIN_BITS)))
     full = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True),
-                   min_bits=int(max(1, kw.get("min_bits", DEFAULT_MIN_BITS))), seconds=0.0)
-    found: dict[str, PlanChoice] = {repr(sorted(c.modes.items())): c for c in (lo, full)}
-    for b in np.linspace(lo.model_peak_bytes, full.model_peak_bytes, levels)[1:-1]:
+                   min_bits=mb, seconds=0.0)
+    top = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True),
+                  min_bits=mb, seconds=0.0, fused=kw["fused"])
+
+    def key(c: PlanChoice) -> str:
+        return json.dumps(c.plan.to_json(), sort_keys=True)
+
+    found: dict[str, PlanChoice] = {key(c): c for c in (lo, full, top)}
+    for b in np.linspace(lo.model_peak_bytes, top.model_peak_bytes, levels)[1:-1]:
         c = solve(prof, float(b), speed=speed, **kw)
-        found.setdefault(repr(sorted(c.modes.items())), c)
+        found.setdefault(key(c), c)
     for c in found.values():
         if estimate_fn is not None:
             c.predicted_peak_bytes, c.verified = int(estimate_fn(c.plan)), True
-        c.budget_bytes = int(c.predicted_peak_bytes / (1.0 - margin)) + 1
+        c.budget_bytes = budget_needed(c.predicted_peak_bytes, margin, slack_bytes)
     table: list[PlanChoice] = []
-    for c in sorted(found.values(), key=lambda c: (c.added_seconds, c.predicted_peak_bytes)):
+    # fastest first; at equal time full training (no fused step) before the rest
+    for c in sorted(found.values(), key=lambda c: (c.added_seconds, c.plan.kind != "full",
+                                                    c.predicted_peak_bytes)):
         if not table or c.predicted_peak_bytes < min(t.predicted_peak_bytes for t in table):
             table.append(c)
     return table
 
 
-def pick(table: Sequence[PlanChoice], budget_bytes: int,
-         margin: float = DEFAULT_MARGIN) -> PlanChoice | None:
-    """The fastest plan of a :func:`frontier` table whose estimated peak is <= budget * (1 - margin),
-    or None when the budget is below every plan's."""
-    limit = budget_bytes * (1.0 - margin)
+def pick(table: Sequence[PlanChoice], budget_bytes: int, margin: float = DEFAULT_MARGIN,
+         slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> PlanChoice | None:
+    """The fastest plan of a :func:`frontier` table whose estimated peak is <= :func:`fit_limit`
+    of the budget, or None when the budget is below every plan's."""
+    limit = fit_limit(budget_bytes, margin, slack_bytes)
     for c in table:  # fastest first
         if c.predicted_peak_bytes <= limit:
             return c

@@ -19,7 +19,8 @@ are not activations: they are counted in the fixed part. A tensor saved twice (a
 next conv saves again) is one record; two views of one storage count the storage once at full
 precision.
 
-Times (this machine, divided by a device's ``speed`` by the planner):
+Times (this machine's CPU seconds -- ``time.process_time``, immune to waiting for a shared CPU --
+divided by a device's ``speed`` by the planner):
 
 - ``fwd_seconds`` per segment: a forward with grad enabled (what a recompute costs), the median of
   a few runs;
@@ -58,8 +59,11 @@ PROFILED_BITS = (8, 4, 2)
 #: set against memfl.memory.estimate on ResNet-18 (the planner verifies every plan with it
 #: anyway); a recomputed segment adds its recomputed activations on top (counted exactly).
 TRANSIENT_FACTOR = {"keep": 2.0, "recompute": 2.0, "q": 4.0}
-#: runtime bytes not in any tensor count (oneDNN primitive cache, Python objects, allocator slack)
-RUNTIME_OVERHEAD_BYTES = 2 << 20
+#: runtime bytes not in any tensor count (oneDNN primitive cache, Python objects, allocator slack):
+#: the memory estimator's constant, so that the planner's model and the estimator that verifies
+#: its plans count the same fixed part (the estimator's own under-count against a measured peak is
+#: covered by the planner's margin and slack, memfl.hybrid.planner.ESTIMATOR_SLACK_BYTES)
+from memfl.memory.estimate import RUNTIME_OVERHEAD_BYTES  # noqa: E402
 
 
 @dataclass
@@ -88,6 +92,9 @@ class SegmentProfile:
     input_bytes: int = 0
     output_bytes: int = 0
     param_bytes: int = 0  # trainable parameters (their gradients appear during its backward)
+    #: the largest trainable-parameter bytes of one module of the segment (with the optimizer step
+    #: fused into backward, the gradients alive at once are those of the op whose backward just ran)
+    max_module_param_bytes: int = 0
 
 
 @dataclass
@@ -107,6 +114,10 @@ class ModelProfile:
     step_seconds: float = 0.0
     pack_fit: dict[str, tuple[float, float]] = field(default_factory=dict)
     timed: bool = False
+    head_max_module_param_bytes: int = 0  # as SegmentProfile.max_module_param_bytes, for the head
+    #: seconds a step fused into backward adds: one optimizer call per parameter instead of one
+    #: for all (Python and dispatch overhead; measured with the timings)
+    fused_seconds: float = 0.0
 
     @property
     def head(self) -> int:
@@ -123,9 +134,15 @@ class ModelProfile:
         return (self.param_bytes + self.optimizer_bytes + self.buffer_bytes + self.input_bytes
                 + RUNTIME_OVERHEAD_BYTES)
 
-    def grads_alive(self, index: int) -> int:
+    def grads_alive(self, index: int, fused: bool = False) -> int:
         """Gradient bytes alive while segment ``index`` runs its backward (``head``: the head's):
-        those of the segments after it, the head's, and its own."""
+        those of the segments after it, the head's, and its own. With the optimizer step fused
+        into backward (``fused``) each gradient is freed once its parameter is updated: only the
+        gradients of one module (the op whose backward just produced them) are alive."""
+        if fused:
+            if index >= len(self.segments):
+                return self.head_max_module_param_bytes
+            return self.segments[index].max_module_param_bytes
         body = sum(s.param_bytes for s in self.segments[index:])
         return body + max(0, self.grad_bytes - sum(s.param_bytes for s in self.segments))
 
@@ -194,17 +211,30 @@ def _optimizer_bytes(param_bytes: int, optimizer: str, momentum: float) -> int:
     raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
 
 
+def _max_module_param_bytes(module: nn.Module) -> int:
+    """The largest trainable-parameter bytes held directly by one module of ``module``."""
+    return max((sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)
+                    if p.requires_grad) for m in module.modules()), default=0)
+
+
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes())
 
 
+def _clock() -> float:
+    """CPU seconds of this process (all its threads, user + system): on a machine shared with
+    other jobs the wall clock measures the queue for the CPU as much as the work (the same
+    ResNet-18 step took 3.6-8.1 s wall, 2.4-2.6 s CPU, on the loaded 2-core reference machine)."""
+    return time.process_time()
+
+
 def _median_time(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return statistics.median(times)
 
 
@@ -285,6 +315,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
         seg_profiles[i].input_bytes = h.numel() * h.element_size()
         seg_profiles[i].param_bytes = sum(p.numel() * p.element_size() for p in mod.parameters()
                                           if p.requires_grad)
+        seg_profiles[i].max_module_param_bytes = _max_module_param_bytes(mod)
         with torch.autograd.graph.saved_tensors_hooks(recorder(i), lambda t: t):
             h = mod(h)
         seg_profiles[i].output_bytes = h.numel() * h.element_size()
@@ -303,6 +334,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
         optimizer_bytes=_optimizer_bytes(param_bytes, optimizer, momentum),
         buffer_bytes=buffer_bytes,
         input_bytes=x.numel() * x.element_size() + y.numel() * y.element_size(),
+        head_max_module_param_bytes=_max_module_param_bytes(head) if head is not None else 0,
     )
     if not timing:
         return prof
@@ -317,10 +349,10 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
                 continue
             t = alive[tid]
             quantize(t, bits, mask=rec.relu).unpack()  # warm
-            t0 = time.perf_counter()
+            t0 = _clock()
             quantize(t, bits, mask=rec.relu).unpack()
             xs.append(float(t.numel()))
-            ys.append(time.perf_counter() - t0)
+            ys.append(_clock() - t0)
         prof.pack_fit[f"q{bits}"] = _fit_line(xs, ys)
     for rec in prof.tensors:
         if rec.kind == "float" and rec.savers and rec.savers[0] < S:
@@ -343,13 +375,27 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
 
     full_step()  # warm-up (oneDNN primitive creation)
     prof.step_seconds = _median_time(full_step, reps)
+    # the fused step's overhead: one optimizer step per parameter against one for all of them
+    one = torch.optim.SGD(trainable, lr=0.0, momentum=momentum or 0.0)
+    per = [torch.optim.SGD([p], lr=0.0, momentum=momentum or 0.0) for p in trainable]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+
+    def per_param() -> None:
+        for o in per:
+            o.step()
+
+    one.step()
+    per_param()
+    prof.fused_seconds = max(0.0, _median_time(per_param, reps) - _median_time(one.step, reps))
+    del one, per
     fwd = [[] for _ in segs]
     for _ in range(reps):
         h = x
         for i, (_, mod) in enumerate(segs):
-            t0 = time.perf_counter()
+            t0 = _clock()
             h = mod(h)
-            fwd[i].append(time.perf_counter() - t0)
+            fwd[i].append(_clock() - t0)
         del h
     for i, seg in enumerate(seg_profiles):
         seg.fwd_seconds = statistics.median(fwd[i])
@@ -423,6 +469,7 @@ def plan_memory(prof: ModelProfile, segments: dict[str, str] | None,
 
     peak = fixed (parameters, optimizer state, buffers, batch, runtime) + max over segments s
     (the head -- the end of the forward -- included) of [ gradients alive while s runs its backward
+    (``options["fused_step"]``: the optimizer step runs in backward, one module's gradients)
     + activations still alive (tensors involving a segment <= s) + the recomputed activations of
     s if it is recomputed + the transient of s in its mode ]. Returns a dict with ``peak_bytes``,
     ``parameters``, ``gradients`` (alive at the peak), ``optimizer_state``, ``buffers``,
@@ -431,6 +478,7 @@ def plan_memory(prof: ModelProfile, segments: dict[str, str] | None,
     modes = modes_list(prof, segments)
     opts = options or {}
     mixed, min_bits = bool(opts.get("mixed", True)), int(opts.get("min_bits", 1))
+    fused = bool(opts.get("fused_step", False))
     S = prof.head
     live_full = [0] * (S + 1)
     live_packed = [0] * (S + 1)
@@ -447,7 +495,7 @@ def plan_memory(prof: ModelProfile, segments: dict[str, str] | None,
         run_p += live_packed[s]
         rec_b = recompute_bytes(prof, s) if s < S and modes[s] == "recompute" else 0
         trans = transient_bytes(prof, s, modes[s]) if s < S else 0
-        grads = prof.grads_alive(s)
+        grads = prof.grads_alive(s, fused)
         total = grads + run_f + run_p + rec_b + trans
         if total > worst:
             worst, parts = total, (grads, run_f, run_p, rec_b, trans)

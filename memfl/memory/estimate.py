@@ -48,6 +48,12 @@ model, its BN statistics and ``.grad`` are never touched), so any plan kind is u
   running sum of the extrapolated sequence gives the timeline's peak at the requested batch; its
   value at the end of the backward (the gradients, plus anything the step leaves behind) feeds the
   optimizer phase. No optimizer step is run and the copy is discarded.
+- a step that fuses the optimizer into backward (``TrainStep.step_in_backward``,
+  :class:`memfl.engine.StepInBackward`): the profiled backward drops every gradient as soon as it
+  is accumulated (a post-accumulate-grad hook), as the real step does after updating the
+  parameter, so the timeline holds only the gradients in flight; ``gradients`` is then the
+  largest parameter's, and the optimizer's per-parameter temporaries are charged at the
+  timeline's peak (the update runs inside the backward).
 - ``transient`` is what the winning phase holds beyond ``max(activations, gradients)``: input
   batch, logits and loss buffers, the gradients already produced while activations are still
   alive, in-flight activation gradients, workspaces, optimizer temporaries. The parts overlap in
@@ -503,9 +509,22 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
             raise ValueError(
                 f"profile_batches must be two distinct sizes >= 1, got {profile_batches}")
         sizes = [batch] if batch <= b else [a, b]
-        passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype) for s in sizes]
+        fused = bool(step.step_in_backward)
+        handles = []
+        if fused:  # the step runs in backward and drops each gradient once it is accumulated
+            def drop_grad(p: torch.Tensor) -> None:
+                p.grad = None
+            handles = [p.register_post_accumulate_grad_hook(drop_grad) for p in trainable]
+        try:
+            passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype)
+                      for s in sizes]
+        finally:
+            for h in handles:
+                h.remove()
     parameters = tensor_bytes(held)
-    gradients = tensor_bytes(trainable)
+    # a fused step holds one parameter's gradient at a time (the rest is in the timeline)
+    gradients = (max((tensor_bytes([p]) for p in trainable), default=0) if fused
+                 else tensor_bytes(trainable))
     optimizer_state = _optimizer_state_bytes(trainable, optimizer, momentum)
     optimizer_temp = _optimizer_temp_bytes(trainable, optimizer, weight_decay)
     del work, step, held, trainable
@@ -533,6 +552,8 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
         after_backward = gradients
     step_phase = input_bytes + timeline_peak
     opt_phase = input_bytes + max(after_backward, 0) + optimizer_temp
+    if fused:  # the per-parameter temporaries appear inside the backward (charged at its peak)
+        step_phase += optimizer_temp
     if step_phase >= opt_phase:
         phase = "forward" if peak_at < fwd_end else "backward"
         varying = step_phase

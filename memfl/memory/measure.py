@@ -18,7 +18,8 @@ is counted. In the child:
    MKL initialisation, should the model use none). Everything is deleted and ``gc.collect()``-ed.
 3. **Baseline** is recorded here, *before* the measured model is built, so the peak includes the
    parameters and buffers (as :class:`~memfl.memory.estimate.MemoryEstimate` does).
-4. Build the model, ``engine.prepare(model, plan)``, the optimizer (``make_optimizer``, lr 0.01,
+4. Build the model, ``engine.prepare(model, plan)``, the optimizer (``make_step_optimizer``: a
+   per-parameter step fused into backward when the plan asks for it; lr 0.01,
    ``weight_decay``), a random input batch of ``input_shape`` and random labels, then ``steps``
    iterations of ``opt.zero_grad(set_to_none=True); loss = step.loss(x, y)[0]; loss.backward();
    opt.step()``, the forward inside ``step.saved_tensors()`` when the step has one (as the
@@ -170,7 +171,7 @@ def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[i
                    optimizer: str, plan: Plan | None, device: str, momentum: float,
                    weight_decay: float) -> int:
     """One throw-away training step of a throw-away model at batch 2; returns num_classes."""
-    from memfl.engine import make_optimizer, prepare
+    from memfl.engine import make_step_optimizer, prepare
 
     model = model_fn().to(device)
     model.train()
@@ -178,8 +179,8 @@ def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[i
     with torch.no_grad():
         num_classes = int(model(torch.randn(small, *input_shape[1:], device=device)).shape[-1])
     step = prepare(model, plan)
-    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum,
-                         weight_decay=weight_decay)
+    opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
+                              momentum=momentum, weight_decay=weight_decay)
     x = torch.randn(small, *input_shape[1:], device=device)
     y = torch.randint(0, num_classes, (small,), device=device)
     _train_step(step, opt, x, y)
@@ -193,7 +194,7 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
 
     import torch
 
-    from memfl.engine import make_optimizer, prepare
+    from memfl.engine import make_step_optimizer, prepare
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
@@ -217,8 +218,8 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     model = model_fn().to(device)
     model.train()
     step = prepare(model, plan)
-    opt = make_optimizer([p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum,
-                         weight_decay=weight_decay)
+    opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
+                              momentum=momentum, weight_decay=weight_decay)
     x = torch.randn(*input_shape, device=device)
     y = torch.randint(0, num_classes, (input_shape[0],), device=device)
     times = []

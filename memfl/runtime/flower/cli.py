@@ -41,6 +41,10 @@ def add_flower_commands(sub: argparse._SubParsersAction, add_run_flags: Callable
                    help="bound on the whole job, start to stop, in seconds (default 3600)")
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for replies")
     p.add_argument("--workdir", default=None, help="keep FLWR_HOME, the app and every log here (default: a temp folder)")
+    p.add_argument("--cold", action="store_true",
+                   help="Flower's own SuperExec: a fresh flwr-clientapp process (importing torch) per message; "
+                        "default: memfl's warm SuperExec, which forks each ClientApp from a process that has "
+                        "imported torch already (python -m memfl.runtime.flower.superexec)")
     p.set_defaults(func=cmd_flower_local)
 
 
@@ -79,7 +83,8 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         results = run_local(config, args.nodes, timeout=args.timeout, round_timeout=args.round_timeout,
-                            workdir=args.workdir, log=lambda line: console.print(line, highlight=False, markup=False))
+                            workdir=args.workdir, log=lambda line: console.print(line, highlight=False, markup=False),
+                            warm=not args.cold)
     except FlowerError as err:
         console.print(f"[red]Flower run failed:[/red] {err}", highlight=False)
         return 1

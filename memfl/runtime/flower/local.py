@@ -1,8 +1,10 @@
 """A real Flower federation on 127.0.0.1: one SuperLink, N SuperNodes, one ``flwr run``.
 
 :class:`LocalFederation` starts the processes Flower's deployment runtime uses on real machines —
-``flower-superlink`` and ``flower-supernode`` (each with its ``flower-superexec``, which starts the
-``flwr-serverapp`` / ``flwr-clientapp`` processes) — on free loopback ports, insecure and offline:
+``flower-superlink`` and ``flower-supernode`` (each with its SuperExec, which starts the
+``flwr-serverapp`` / ``flwr-clientapp`` processes: by default memfl's warm SuperExec beside
+``--isolation process``, :mod:`memfl.runtime.flower.superexec`; Flower's own with ``warm=False``) —
+on free loopback ports, insecure and offline:
 
 - a fresh ``FLWR_HOME`` holding a ``config.toml`` with one connection (``local``), so the ``flwr``
   CLI never writes its default config nor starts a background SuperLink of its own;
@@ -79,14 +81,38 @@ class Proc:
     popen: subprocess.Popen
     log: Path
     port: int | None = None
+    #: processes that belong to this one (its warm SuperExec): signalled and stopped with it
+    companions: list["Proc"] = field(default_factory=list)
+    _groups: list[int] = field(default_factory=list, repr=False)  # process groups signalled so far
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to this process's group and to its companions' groups."""
+        for pid in [self.popen.pid, *(c.popen.pid for c in self.companions)]:
+            _signal_group(pid, sig)
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the process group (and the groups of its descendants: the SuperLink starts its
-        ``flower-superexec`` in a session of its own), SIGKILL them after ``grace`` seconds."""
-        groups = [self.popen.pid, *_descendant_groups(self.popen.pid)]
+        ``flower-superexec`` in a session of its own), SIGKILL them after ``grace`` seconds; then
+        the companions the same way."""
+        self._stop(grace)
+        for c in self.companions:
+            c.stop(grace)
+
+    def terminate(self) -> None:
+        """SIGTERM the process group and its descendants' groups (remembered for :meth:`stop`),
+        and the companions', without waiting."""
+        self._groups = sorted({*self._groups, self.popen.pid, *_descendant_groups(self.popen.pid)})
+        if self.popen.poll() is None:
+            for g in self._groups:
+                _signal_group(g, signal.SIGTERM)
+        for c in self.companions:
+            c.terminate()
+
+    def _stop(self, grace: float) -> None:
+        groups = sorted({*self._groups, self.popen.pid, *_descendant_groups(self.popen.pid)})
         if self.popen.poll() is None:
             for g in groups:
                 _signal_group(g, signal.SIGTERM)
@@ -149,11 +175,16 @@ class LocalFederation:
     node_configs: one ``--node-config`` mapping per SuperNode.
     workdir:      where FLWR_HOME, the logs and the app go (default: a fresh temporary folder).
     threads:      OMP/torch threads per node process (default: the cores shared among the nodes).
+    warm:         start the SuperLink and SuperNodes with ``--isolation process`` beside memfl's
+                  warm SuperExec (:mod:`memfl.runtime.flower.superexec`: each ServerApp/ClientApp
+                  is forked from a process that has imported torch already); ``False``: Flower's
+                  own SuperExec, a fresh ``flwr-clientapp`` process per message.
     """
 
     node_configs: list[dict[str, Any]]
     workdir: Path | None = None
     threads: int | None = None
+    warm: bool = True
     log: Callable[[str], None] = lambda line: None
     superlink: Proc | None = field(default=None, init=False)
     supernodes: list[Proc] = field(default_factory=list, init=False)
@@ -212,25 +243,37 @@ class LocalFederation:
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
         n = len(self.node_configs)
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, n))
+        isolation = ["--isolation", "process"] if self.warm else []
         try:
             self.superlink = self._spawn("superlink", [
                 _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                "--disable-runtime-dependency-installation"], port=port)
+                "--disable-runtime-dependency-installation", *isolation], port=port)
             self._wait_health(self.superlink, deadline)
+            if self.warm:
+                self._spawn_superexec(self.superlink, "superexec-superlink", port)
             for i, nc in enumerate(self.node_configs):
                 p = free_port()
                 self.supernodes.append(self._spawn(f"supernode-{i}", [
                     _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                    "--host", "127.0.0.1", "--port", str(p), "--node-config", node_config_text(nc)],
-                    threads=threads, port=p))
-            for proc in self.supernodes:
+                    "--host", "127.0.0.1", "--port", str(p), "--node-config", node_config_text(nc),
+                    *isolation], threads=threads, port=p))
+            for i, proc in enumerate(self.supernodes):
                 self._wait_health(proc, deadline)
+                if self.warm:
+                    self._spawn_superexec(proc, f"superexec-{i}", proc.port, threads=threads)
             self._wait_nodes_online(n, deadline)
         except BaseException:
             self.stop()
             raise
         self.log(f"Flower SuperLink on 127.0.0.1:{port} with {n} SuperNodes (logs in {self.logs})")
         return self
+
+    def _spawn_superexec(self, owner: Proc, name: str, port: int | None, threads: int | None = None) -> None:
+        """memfl's warm SuperExec for ``owner`` (started with ``--isolation process``)."""
+        proc = self._spawn(name, [sys.executable, "-m", "memfl.runtime.flower.superexec", "--insecure",
+                                  "--runtime-api-address", f"127.0.0.1:{port}",
+                                  "--parent-pid", str(owner.popen.pid)], threads=threads)
+        owner.companions.append(proc)
 
     def _wait_health(self, proc: Proc, deadline: float) -> None:
         url = f"http://127.0.0.1:{proc.port}/health"
@@ -259,7 +302,8 @@ class LocalFederation:
         while True:
             if len(self.online_nodes()) >= n:
                 return
-            dead = [p for p in self.supernodes if not p.alive()]
+            dead = [p for p in [*self.supernodes, *((self.superlink.companions if self.superlink else [])),
+                                *(c for node in self.supernodes for c in node.companions)] if not p.alive()]
             if dead:
                 raise FlowerError(f"{dead[0].name} exited with status {dead[0].popen.returncode}:\n{dead[0].tail()}")
             if time.monotonic() > deadline:
@@ -267,12 +311,16 @@ class LocalFederation:
             time.sleep(0.5)
 
     def stop_node(self, i: int, sig: int = signal.SIGTERM) -> None:
-        """Send ``sig`` to SuperNode ``i``'s process group (to make a node die mid-round)."""
-        _signal_group(self.supernodes[i].popen.pid, sig)
+        """Send ``sig`` to SuperNode ``i``'s process group and its SuperExec's (a node dying mid-round)."""
+        self.supernodes[i].signal(sig)
 
     def stop(self) -> None:
-        """Stop every process this federation started (nodes first); idempotent."""
-        for proc in [*self.supernodes, *([self.superlink] if self.superlink else [])]:
+        """Stop every process this federation started (nodes first); idempotent. All are asked
+        to stop (SIGTERM) before any is waited for, so they shut down in parallel."""
+        procs = [*self.supernodes, *([self.superlink] if self.superlink else [])]
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
             proc.stop()
 
     def __enter__(self) -> "LocalFederation":
@@ -315,6 +363,9 @@ class LocalFederation:
                 except subprocess.TimeoutExpired:
                     if self.superlink is not None and not self.superlink.alive():
                         raise FlowerError(f"the SuperLink died:\n{self.superlink.tail()}")
+                    for proc in self.superlink.companions if self.superlink is not None else []:
+                        if not proc.alive():  # nothing would start the ServerApp
+                            raise FlowerError(f"the SuperLink's {proc.name} died:\n{proc.tail()}")
                     continue
                 info = self.run_info(run_id)
                 if str(info.get("status", "")).startswith("finished"):
@@ -385,18 +436,19 @@ def local_settings(config: Config, nodes: int, *, round_timeout: float = 600.0) 
 
 def run_local(config: Config, nodes: int, *, timeout: float = 1800.0, round_timeout: float = 600.0,
               workdir: str | Path | None = None, log: Callable[[str], None] = print,
-              node_configs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              node_configs: list[dict[str, Any]] | None = None, warm: bool = True) -> dict[str, Any]:
     """Run ``config`` on a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return results.json.
 
     The whole job (start, run, stop) is bounded by ``timeout`` seconds; the processes are stopped
-    whatever happens. ``node_configs`` overrides the simulator-derived node identities.
+    whatever happens. ``node_configs`` overrides the simulator-derived node identities. ``warm``:
+    see :class:`LocalFederation` (False: Flower's own SuperExec, a fresh process per message).
     """
     if nodes < 1:
         raise ValueError("--nodes must be >= 1")
     deadline = time.monotonic() + timeout
     settings = local_settings(config, nodes, round_timeout=round_timeout)
     node_configs = node_configs or federation_node_configs(settings.config, nodes)
-    fed = LocalFederation(node_configs, workdir=Path(workdir) if workdir else None, log=log)
+    fed = LocalFederation(node_configs, workdir=Path(workdir) if workdir else None, log=log, warm=warm)
     with fed, _terminate_as_interrupt():
         fed.start(timeout=max(10.0, deadline - time.monotonic()))
         return run_on(fed, settings, timeout=max(10.0, deadline - time.monotonic()), log=log)
