@@ -40,7 +40,11 @@ def test_fused_step_trains_exactly_like_step_after_backward(optimizer, prox_mu):
         ins = Instruction(round=1, client_id=0, params={k: v.clone() for k, v in start.items()},
                           trainable=[n for n, _ in _model().named_parameters()], plan=plan,
                           hparams=hp, seed=3)
-        out[fused] = LocalTrainer(_model).fit(ins, x, y)
+        trainer = LocalTrainer(_model)
+        out[fused] = trainer.fit(ins, x, y)
+        # the fused step's hooks are gone from the trainer's cached model after the round
+        assert not any(getattr(p, "_post_accumulate_grad_hooks", None)
+                       for p in trainer.model_for(plan).parameters())
     assert out[True].steps == out[False].steps == 3
     for name, want in out[False].params.items():
         got = out[True].params[name]

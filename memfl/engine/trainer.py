@@ -74,35 +74,37 @@ class LocalTrainer:
         total_loss, total_seen, steps = 0.0, 0, 0
         last_losses: list[torch.Tensor] = []
         start = time.perf_counter()
-        for epoch in range(hp.local_epochs):
-            order = torch.randperm(n, generator=gen)
-            last_epoch = epoch == hp.local_epochs - 1
-            for lo in range(0, n, bs):
-                idx = order[lo:lo + bs]
-                if len(idx) < 2:  # BatchNorm cannot train on one sample
-                    continue
-                xb = x[idx].to(self.device, non_blocking=True)
-                yb = y[idx].to(self.device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with saved():
-                    loss, per_sample = step.loss(xb, yb)
-                    if prox_in_loss:
-                        prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                        loss = loss + 0.5 * hp.prox_mu * prox
-                    loss.backward()
-                optimizer.step()
-                total_loss += float(per_sample.sum())
-                total_seen += len(idx)
-                steps += 1
-                if last_epoch:
-                    last_losses.append(per_sample.cpu())
+        try:
+            for epoch in range(hp.local_epochs):
+                order = torch.randperm(n, generator=gen)
+                last_epoch = epoch == hp.local_epochs - 1
+                for lo in range(0, n, bs):
+                    idx = order[lo:lo + bs]
+                    if len(idx) < 2:  # BatchNorm cannot train on one sample
+                        continue
+                    xb = x[idx].to(self.device, non_blocking=True)
+                    yb = y[idx].to(self.device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with saved():
+                        loss, per_sample = step.loss(xb, yb)
+                        if prox_in_loss:
+                            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+                            loss = loss + 0.5 * hp.prox_mu * prox
+                        loss.backward()
+                    optimizer.step()
+                    total_loss += float(per_sample.sum())
+                    total_seen += len(idx)
+                    steps += 1
+                    if last_epoch:
+                        last_losses.append(per_sample.cpu())
+                    if hp.max_steps is not None and steps >= hp.max_steps:
+                        break
                 if hp.max_steps is not None and steps >= hp.max_steps:
                     break
-            if hp.max_steps is not None and steps >= hp.max_steps:
-                break
+        finally:
+            if hasattr(optimizer, "remove"):  # a fused step's hooks stay off the cached model
+                optimizer.remove()
         seconds = time.perf_counter() - start
-        if hasattr(optimizer, "remove"):  # a fused step's hooks stay off the cached model
-            optimizer.remove()
 
         sample = torch.cat(last_losses) if last_losses else torch.zeros(0)
         if len(sample) > SAMPLE_LOSSES:
