@@ -128,3 +128,40 @@ def test_oort_fedprox_sends_a_proximal_term(small_config):
     params = model_fn(__import__("memfl.protocol").protocol.Plan()).state_dict()
     ins = strat.configure_train(1, params, [c.info for c in clients])
     assert ins and all(i.hparams.prox_mu == pytest.approx(0.01) for i in ins)
+
+
+def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path, monkeypatch):
+    """The plan table is solved from timings measured at start: a resumed run must reuse the saved
+    table (not re-profile, which could pick other plans) and end exactly like an uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+
+    import memfl.strategies.fedhybrid as fh
+    from memfl.runtime.sim import run_experiment
+
+    def cfg(out):
+        return _levels(small_config(method="fedhybrid", budgets="relative:0.85-1.3", clients=6, per_round=3,
+                                    rounds=3, out=str(out)))
+
+    full = run_experiment(cfg(tmp_path / "full"), progress=False)
+
+    class Kill(Exception):
+        pass
+
+    def die(entry):
+        if entry["round"] == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_experiment(cfg(tmp_path / "resumed"), progress=False, on_round=die)
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("a resumed fedhybrid run re-profiled the model instead of loading its plan table")
+
+    monkeypatch.setattr(fh, "profile_model", no_profiling)
+    resumed = run_experiment(cfg(tmp_path / "resumed"), progress=False)
+    assert [[(c["id"], c["plan"]) for c in r["clients"]] for r in resumed["rounds"]] == \
+        [[(c["id"], c["plan"]) for c in r["clients"]] for r in full["rounds"]]
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -133,6 +133,14 @@ class PlanChoice:
         out["step_time_ratio"] = self.step_time_ratio
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "PlanChoice":
+        """Inverse of :meth:`to_json` (derived keys such as ``step_time_ratio`` are ignored)."""
+        fields = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in data.items() if k in fields}
+        kw["plan"] = Plan.from_json(data["plan"])
+        return cls(**kw)
+
 
 def allowed_modes(bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAULT_MIN_BITS,
                   recompute: bool = True) -> list[str]:

@@ -86,7 +86,7 @@ class FedHybrid(Strategy):
             shape = (hp.batch_size, *self.ctx.input_shape)
             prof = profile_model(self.ctx.model_fn(Plan()), shape, optimizer=hp.optimizer,
                                  momentum=hp.momentum, timing=True)
-            self.profile = prof
+            self._full_step_seconds = prof.step_seconds
             if self.plans == "full":
                 self._table = [full_choice(prof, estimate_fn=self.ctx.peak_fn, margin=self.margin)]
             else:
@@ -112,7 +112,7 @@ class FedHybrid(Strategy):
     def predicted_seconds(self, client: ClientInfo) -> float:
         """Round time on the client's device under its plan: compute + transfer."""
         choice = self._choices.get(client.id)
-        step = choice.step_seconds + choice.added_seconds if choice else self.profile.step_seconds
+        step = choice.step_seconds + choice.added_seconds if choice else self._full_step_seconds
         return self._steps(client) * step / client.speed + self._transfer
 
     def select(self, round: int, candidates: list[ClientInfo], k: int,
@@ -159,11 +159,18 @@ class FedHybrid(Strategy):
         return dict(self._report)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"selector": self.selector.state_dict()}
+        # The plan table is saved too: it is solved from timings measured when the server starts,
+        # so a resumed run re-solving it could pick other (equally valid) plans and diverge.
+        table = None if self._table is None else {
+            "plans": [c.to_json() for c in self._table], "full_step_seconds": self._full_step_seconds}
+        return {"selector": self.selector.state_dict(), "table": table}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("selector"):
             self.selector.load_state_dict(state["selector"])
+        if state.get("table"):
+            self._table = [PlanChoice.from_json(c) for c in state["table"]["plans"]]
+            self._full_step_seconds = float(state["table"]["full_step_seconds"])
 
 
 class RandomBaseline(FedHybrid):
