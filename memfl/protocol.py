@@ -152,7 +152,8 @@ class Result:
     num_samples:   local training samples (FedAvg weight).
     loss:          mean training loss over the round.
     sample_losses: a sample of per-example losses from the last epoch (for data utility).
-    compute_seconds: measured wall time of local training on this machine.
+    compute_seconds: measured time of local training on this machine: CPU seconds of the training
+                     process (user + system, summed over its threads) on CPU, wall seconds on GPU.
     """
 
     client_id: int

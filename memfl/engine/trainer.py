@@ -73,7 +73,11 @@ class LocalTrainer:
         bs = min(hp.batch_size, n)
         total_loss, total_seen, steps = 0.0, 0, 0
         last_losses: list[torch.Tensor] = []
-        start = time.perf_counter()
+        # The virtual clock's compute time: CPU seconds of this process (user + system) on CPU,
+        # so a client's time does not depend on how many other jobs share the machine's cores
+        # (wall time on a loaded machine mostly measures the wait for a core); wall time on GPU.
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        start = clock()
         try:
             for epoch in range(hp.local_epochs):
                 order = torch.randperm(n, generator=gen)
@@ -104,7 +108,9 @@ class LocalTrainer:
         finally:
             if hasattr(optimizer, "remove"):  # a fused step's hooks stay off the cached model
                 optimizer.remove()
-        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = clock() - start
 
         sample = torch.cat(last_losses) if last_losses else torch.zeros(0)
         if len(sample) > SAMPLE_LOSSES:
