@@ -29,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memfl.data.devices import parse_budget_spec
 from memfl.data.partition import parse_partition
@@ -155,6 +155,17 @@ class FedHybridConfig(_Section):
     explore: float = Field(0.9, ge=0, le=1)  # initial exploration share of the picks
     explore_decay: float = Field(0.98, gt=0, le=1)
     explore_min: float = Field(0.2, ge=0, le=1)
+    # random / oort / oort+fedprox: "aware" sends only clients whose predicted budget fits full
+    # training; "unaware" (the paper's memory-unaware baselines) sends any client, and the simulator
+    # kills (status "oom") one whose real budget is below the full-training peak -- needs contention
+    baseline_memory: Literal["aware", "unaware"] = "aware"
+
+    @model_validator(mode="after")
+    def _unaware_needs_contention(self) -> "FedHybridConfig":
+        if self.baseline_memory == "unaware" and not self.contention:
+            raise ValueError("baseline_memory = \"unaware\" needs contention = true: only with contention "
+                             "traces does the simulator kill a client whose real budget is below its peak")
+        return self
 
 
 class Config(_Section):

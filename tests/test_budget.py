@@ -84,3 +84,28 @@ def test_simulator_records_real_and_predicted_budgets(small_config):
         assert c["predicted_budget_bytes"] <= c["budget_bytes"]
         assert c["predicted_peak_bytes"] <= c["predicted_budget_bytes"]
     assert res["summary"]["budget_violations"] == sum(c["budget_violation"] for c in recs)
+
+
+@pytest.mark.parametrize("memory", ["aware", "unaware"])
+def test_memory_unaware_baselines_send_anyone_and_lose_the_clients_that_do_not_fit(small_config, memory):
+    """``baseline_memory``: an aware baseline only sends clients whose predicted budget fits full
+    training; an unaware one sends anyone, and those whose real budget is below the peak are OOM."""
+    from memfl.config import build_config
+    from memfl.runtime.sim import run_experiment
+
+    cfg = small_config(method="random", budgets="relative:0.5-1.3", clients=8, per_round=8, rounds=1)
+    data = cfg.to_json()
+    data["fedhybrid"] = {"contention": True, "baseline_memory": memory}
+    res = run_experiment(build_config(data), progress=False)
+    full = res["full_peak_bytes"]
+    recs = res["rounds"][0]["clients"]
+    assert all(c["plan"] == "full" for c in recs)
+    oom = [c for c in recs if c["status"] == "oom"]
+    assert all(c["real_budget_bytes"] < c["predicted_peak_bytes"] for c in oom)
+    assert all(c["status"] == "ok" for c in recs if c not in oom)
+    if memory == "aware":
+        assert not oom and all(c["predicted_budget_bytes"] >= full for c in recs)
+    else:  # everyone was sent; those below the full-training peak were killed
+        assert len(recs) == 8 and oom
+        assert {c["id"] for c in oom} == {c["id"] for c in recs if c["real_budget_bytes"] < full}
+    assert res["summary"]["budget_violations"] == len(oom)

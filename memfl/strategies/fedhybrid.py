@@ -17,7 +17,9 @@
 
 Baselines (the paper's): ``random``, ``oort`` and ``oort+fedprox`` train the full model only: a
 client is eligible when the full-training estimate fits its predicted budget the same way
-(memory-unaware training, but they are not sent clients that would surely fail); ``oort+fedprox``
+(memory-unaware training, but they are not sent clients that would surely fail; with
+``[fedhybrid] baseline_memory = "unaware"`` they are, and the simulator's contention check kills
+those whose real budget is too small, as the paper's memory-unaware baselines); ``oort+fedprox``
 adds FedProx's proximal term (``train.prox_mu``, or ``[fedhybrid] prox_mu`` when that is 0).
 ``memfl run --method fedhybrid --selection random|oort`` keeps FedHybrid's plans and swaps only
 the selector (the ablation).
@@ -42,7 +44,7 @@ from memfl.strategies.base import ClientInfo, FederationContext, Strategy
 DEFAULTS: dict[str, Any] = {
     "selection": "fedhybrid", "margin": 0.03, "bits": [8, 4, 2], "min_bits": 2, "mixed": True,
     "recompute": True, "plan_levels": 16, "prox_mu": 0.01, "explore": 0.9,
-    "explore_decay": 0.98, "explore_min": 0.2,
+    "explore_decay": 0.98, "explore_min": 0.2, "baseline_memory": "aware",
 }
 #: bandwidth the selector assumes for transfers (the simulator's virtual clock uses the same)
 BANDWIDTH_MBPS = 20.0
@@ -97,7 +99,10 @@ class FedHybrid(Strategy):
         return self._table
 
     def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
-        choice = pick(self.table(), client.budget_bytes, self.margin)
+        if self.plans == "full" and self.settings["baseline_memory"] == "unaware":
+            choice = self.table()[0]  # memory-unaware baseline: full training, whatever the budget
+        else:
+            choice = pick(self.table(), client.budget_bytes, self.margin)
         self._choices[client.id] = choice
         self._speeds[client.id] = client.speed
         return None if choice is None else choice.plan
