@@ -163,6 +163,44 @@ class Checkpoint:
         tmp_s.replace(self.state)
 
 
+@dataclass
+class ServerSetup:
+    """The server side of an experiment, built the same way by both runtimes."""
+
+    model_fn: Callable[[Plan], torch.nn.Module]  # what clients build (wrapped by the strategy)
+    full_peak: int  # estimated full-training peak at the configured batch
+    strategy: Strategy
+    global_model: torch.nn.Module  # the initial global model (on the CPU)
+    params: dict[str, torch.Tensor]  # the global parameters to start the next round from
+    rounds: list[dict[str, Any]]  # rounds already done (from the checkpoint), else []
+
+
+def set_up_server(config: Config, input_shape: tuple[int, ...], num_classes: int,
+                  checkpoint: Checkpoint) -> ServerSetup:
+    """Model builder, initial global model, context and strategy -- same seeds, same order in the
+    simulator and the Flower ServerApp, so both start from the same parameters -- then the
+    parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume."""
+    model_fn = model_builder(config, input_shape, num_classes)
+    torch.manual_seed(config.run.seed)
+    global_model = model_fn(Plan())
+    ctx = make_context(config, input_shape, num_classes, model_fn)
+    full_peak = ctx.peak_fn(Plan())
+    strategy: Strategy = STRATEGIES[config.run.method](ctx)
+    wrap = getattr(strategy, "wrap_model_fn", None)
+    if wrap is not None:  # the global model holds more than the model (ScaleFL: output modules, heads)
+        model_fn = wrap(model_fn, config.to_json())
+        torch.manual_seed(config.run.seed)
+        global_model = model_fn(Plan())
+    params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
+    rounds: list[dict[str, Any]] = []
+    resumed = checkpoint.load(config)
+    if resumed is not None:
+        params, state = resumed
+        rounds = state["rounds"]
+        strategy.load_state_dict(state.get("strategy", {}))
+    return ServerSetup(model_fn, full_peak, strategy, global_model, params, rounds)
+
+
 def run_experiment(config: Config, *, console: Console | None = None, progress: bool = True,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; return the results dict.
@@ -177,31 +215,16 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
     torch.manual_seed(config.run.seed)
 
     data = load_data(config)
-    num_classes = data.num_classes
-    model_fn = model_builder(config, data.input_shape, num_classes)
-    torch.manual_seed(config.run.seed)
-    global_model = model_fn(Plan()).to(config.run.device)
-    ctx = make_context(config, data.input_shape, num_classes, model_fn)
-    full_peak = ctx.peak_fn(Plan())
+    checkpoint = Checkpoint(out)
+    setup = set_up_server(config, data.input_shape, data.num_classes, checkpoint)
+    model_fn, full_peak, strategy = setup.model_fn, setup.full_peak, setup.strategy
+    params, rounds = setup.params, setup.rounds
+    global_model = setup.global_model.to(config.run.device)  # evaluated, loaded with params
     clients = build_federation(config, data, full_peak)
-    strategy: Strategy = STRATEGIES[config.run.method](ctx)
-    wrap = getattr(strategy, "wrap_model_fn", None)
-    if wrap is not None:  # the global model holds more than the model (ScaleFL: output modules, heads)
-        model_fn = wrap(model_fn, config.to_json())
-        torch.manual_seed(config.run.seed)
-        global_model = model_fn(Plan()).to(config.run.device)
     trainer = LocalTrainer(model_fn, device=config.run.device)
     # [fedhybrid] contention: per-round real budgets from traces; strategies see predictions
     budgets = federation_budgets(config, [c.info for c in clients])
-
-    params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
-    rounds: list[dict[str, Any]] = []
-    checkpoint = Checkpoint(out)
-    resumed = checkpoint.load(config)
-    if resumed is not None:
-        params, state = resumed
-        rounds = state["rounds"]
-        strategy.load_state_dict(state.get("strategy", {}))
+    if rounds:
         console.print(f"[yellow]resuming {out} after round {len(rounds)}[/yellow]")
 
     console.print(

@@ -3,8 +3,8 @@
 Per run:
 
 1. Build the task exactly as the simulator does (:func:`memfl.runtime.sim.load_data`,
-   :func:`~memfl.runtime.sim.model_builder`, :func:`~memfl.runtime.sim.make_context`, the same
-   seeds), so the initial model and the strategy are the simulator's.
+   :func:`~memfl.runtime.sim.set_up_server`: the same seeds and order), so the initial model, the
+   strategy and a resumed checkpoint are the simulator's.
 2. Wait for ``min-nodes`` SuperNodes and ask each who it is (a ``query`` message): its partition
    (= memfl client id), sample count, memory budget and device. Flower gives the server only random
    node ids; the budgets reach the planner through these replies (``ClientInfo.budget_bytes``).
@@ -43,7 +43,7 @@ from memfl.runtime.flower.serde import (
     instruction_to_content,
     json_record,
 )
-from memfl.strategies import STRATEGIES, ClientInfo, Strategy
+from memfl.strategies import ClientInfo
 
 #: Flower error code of a ClientApp that raised (the node itself is alive)
 CLIENT_APP_RAISED = 2
@@ -173,8 +173,7 @@ class FlowerServer:
     def run(self) -> dict[str, Any]:
         from memfl.data import DataError
         from memfl.engine.trainer import evaluate
-        from memfl.runtime.sim import Checkpoint, _nbytes, _transfer_seconds, load_data, make_context, \
-            model_builder, summarize
+        from memfl.runtime.sim import Checkpoint, _nbytes, _transfer_seconds, load_data, set_up_server, summarize
 
         config = self.config
         out = Path(config.run.out)
@@ -193,26 +192,12 @@ class FlowerServer:
             first = next(iter(self.nodes.values())).info
             input_shape, num_classes = tuple(first["input_shape"]), int(first["num_classes"])
         # the simulator's set-up, step for step (same seeds, same order): same initial model
-        model_fn = model_builder(config, input_shape, num_classes)
-        torch.manual_seed(config.run.seed)
-        global_model = model_fn(Plan()).to(config.run.device)
-        ctx = make_context(config, input_shape, num_classes, model_fn)
-        full_peak = ctx.peak_fn(Plan())
-        strategy: Strategy = STRATEGIES[config.run.method](ctx)
-        wrap = getattr(strategy, "wrap_model_fn", None)
-        if wrap is not None:  # the global model holds more than the model (ScaleFL: output modules, heads)
-            model_fn = wrap(model_fn, config.to_json())
-            torch.manual_seed(config.run.seed)
-            global_model = model_fn(Plan()).to(config.run.device)
-        params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
-
-        rounds: list[dict[str, Any]] = []
         checkpoint = Checkpoint(out)
-        resumed = checkpoint.load(config)
-        if resumed is not None:
-            params, state = resumed
-            rounds = state["rounds"]
-            strategy.load_state_dict(state.get("strategy", {}))
+        setup = set_up_server(config, input_shape, num_classes, checkpoint)
+        full_peak, strategy = setup.full_peak, setup.strategy
+        params, rounds = setup.params, setup.rounds
+        global_model = setup.global_model.to(config.run.device)
+        if rounds:
             self.log(f"resuming {out} after round {len(rounds)}")
         self.log(f"memfl on Flower: {config.run.method}, model {config.run.model}, {len(self.nodes)} nodes, "
                  f"{config.run.rounds} rounds; full-training peak {full_peak / 2**20:.1f} MB")
