@@ -29,21 +29,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
+import memfl.methods  # noqa: F401  -- every shipped method registers its strategy and config section
+from memfl.core.config import ConfigError, Section
+from memfl.core.registry import CONFIG_SECTIONS, STRATEGIES
 from memfl.data.devices import parse_budget_spec
 from memfl.data.partition import parse_partition
 
-
-class ConfigError(ValueError):
-    """A config file or flag is wrong; the message names the key and the fix."""
+__all__ = ["Config", "ConfigError", "RunConfig", "TrainConfig", "build_config", "load_config", "with_overrides"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
-class RunConfig(_Section):
+class RunConfig(Section):
     """Who trains what, where, for how long."""
 
     method: str = "fedavg"
@@ -76,8 +73,6 @@ class RunConfig(_Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from memfl.strategies import STRATEGIES
-
         if v not in STRATEGIES:
             raise ValueError(f"unknown method {v!r}; expected one of {', '.join(sorted(STRATEGIES))}")
         return v
@@ -101,7 +96,7 @@ class RunConfig(_Section):
         return v
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Local training hyper-parameters (the authors' released settings are the defaults)."""
 
     local_epochs: int = Field(1, ge=1)
@@ -114,72 +109,27 @@ class TrainConfig(_Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
-class ScaleFLConfig(_Section):
-    """``method = "scalefl"``: sequential block-wise training (SPEC 2, docs/SCALEFL.md)."""
-
-    blocks: int = Field(4, ge=1)  # T
-    partition: Literal["default", "balanced"] = "default"  # balanced: equalise activation memory
-    mentor: bool = True  # the Curriculum Mentor's nHSIC terms
-    harmonizer: bool = True  # co-train block t-1's last layer with block t
-    schedule: Literal["elastic", "cyclic"] = "elastic"
-    r_min: int = Field(3, ge=1)  # elastic: rounds a stage runs at least
-    r_max: int | None = Field(None, ge=1)  # elastic: at most (None: run.rounds // blocks)
-    plateau: float = Field(0.02, ge=0)  # advance when the loss improves < this fraction per round
-    window: int = Field(3, ge=2)  # rounds the plateau slope is fitted over
-    # the mentor's nHSIC(X,Z) and nHSIC(Y,P) weights, [first block, last block] (docs/SCALEFL.md)
-    beta: list[float] = Field(default_factory=lambda: [0.0, 0.1], min_length=2, max_length=2)
-    gamma: list[float] = Field(default_factory=lambda: [0.3, 0.1], min_length=2, max_length=2)
-    sigma: float = Field(5.0, gt=0)  # Gaussian kernel width
-
-
-class HeteroFLConfig(_Section):
-    """``method = "heterofl"``: the width fractions a client may train (largest that fits wins)."""
-
-    widths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1)
-
-
-class FedHybridConfig(_Section):
-    """``method = "fedhybrid"`` (and the baselines ``oort``, ``random``, ``oort+fedprox``): SPEC 3,
-    docs/FEDHYBRID.md."""
-
-    selection: Literal["fedhybrid", "oort", "random"] = "fedhybrid"  # fedhybrid's selector
-    contention: bool = False  # per-round budgets from contention traces + the budget predictor
-    predictor_quantile: float = Field(0.005, gt=0, lt=0.5)  # target violation rate of the predictor
-    margin: float = Field(0.03, ge=0, lt=0.5)  # plans peak at most budget x (1 - margin)
-    bits: list[int] = Field(default_factory=lambda: [8, 4, 2], min_length=1)  # compression widths
-    min_bits: int = Field(2, ge=1, le=8)  # accuracy guard: no segment compressed below this
-    mixed: bool = True  # channel-wise mixed bits (False: uniform)
-    recompute: bool = True  # allow recomputation
-    plan_levels: int = Field(16, ge=2)  # budgets the server pre-solves plans for
-    prox_mu: float = Field(0.01, ge=0)  # oort+fedprox's proximal term (when train.prox_mu is 0)
-    explore: float = Field(0.9, ge=0, le=1)  # initial exploration share of the picks
-    explore_decay: float = Field(0.98, gt=0, le=1)
-    explore_min: float = Field(0.2, ge=0, le=1)
-    # random / oort / oort+fedprox: "aware" sends only clients whose predicted budget fits full
-    # training; "unaware" (the paper's memory-unaware baselines) sends any client, and the simulator
-    # kills (status "oom") one whose real budget is below the full-training peak -- needs contention
-    baseline_memory: Literal["aware", "unaware"] = "aware"
-
-    @model_validator(mode="after")
-    def _unaware_needs_contention(self) -> "FedHybridConfig":
-        if self.baseline_memory == "unaware" and not self.contention:
-            raise ValueError("baseline_memory = \"unaware\" needs contention = true: only with contention "
-                             "traces does the simulator kill a client whose real budget is below its peak")
-        return self
-
-
-class Config(_Section):
-    """The whole configuration: ``[run]`` and ``[train]`` tables (``[scalefl]``, ``[heterofl]``,
-    ``[fedhybrid]`` for those methods)."""
+class _Config(Section):
+    """``[run]`` and ``[train]``; :data:`Config` adds one table per registered method section."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    scalefl: ScaleFLConfig = Field(default_factory=ScaleFLConfig)
-    heterofl: HeteroFLConfig = Field(default_factory=HeteroFLConfig)
-    fedhybrid: FedHybridConfig = Field(default_factory=FedHybridConfig)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def section(self, name: str | None) -> Section | None:
+        """The typed table ``name`` (a method's section), or None."""
+        return None if name is None else getattr(self, name)
+
+
+#: The whole configuration: ``[run]``, ``[train]`` and one table per method section that a method
+#: registered (``[scalefl]``, ``[heterofl]``, ``[fedhybrid]``; :func:`memfl.core.registry.register_method`).
+#: Built once, when this module is imported, after ``memfl.methods`` has registered the shipped methods.
+Config = create_model(
+    "Config", __base__=_Config, __module__=__name__,
+    **{name: (section, Field(default_factory=section)) for name, section in CONFIG_SECTIONS.items()},
+)
 
 
 def _format(err: ValidationError, source: str) -> str:

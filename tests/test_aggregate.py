@@ -1,7 +1,7 @@
 import torch
 
-from memfl.protocol import Result
-from memfl.strategies.aggregate import fedavg
+from memfl.core.protocol import Result
+from memfl.core.aggregate import fedavg
 
 
 def _res(cid, samples, **tensors):

@@ -1,9 +1,9 @@
-"""Contention traces and the memory budget predictor (memfl.memory.budget)."""
+"""Contention traces and the memory budget predictor (memfl.methods.fedhybrid.budget)."""
 
 import numpy as np
 import pytest
 
-from memfl.memory.budget import (
+from memfl.methods.fedhybrid.budget import (
     CONTENTION,
     TICKS_PER_ROUND,
     WARMUP_TICKS,

@@ -1,4 +1,4 @@
-"""FedHybrid's activation compression and the hybrid engine (memfl.hybrid.compress / .engine)."""
+"""FedHybrid's activation compression and the hybrid engine (memfl.methods.fedhybrid.compress / .engine)."""
 
 import copy
 from functools import partial
@@ -8,17 +8,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memfl.hybrid.compress import (
+from memfl.methods.fedhybrid.compress import (
     Compressor,
     allocate_bits,
     narrow_int,
     packed_nbytes,
     quantize,
 )
-from memfl.hybrid.engine import prepare_hybrid
-from memfl.hybrid.profile import profile_model, segments_of
+from memfl.methods.fedhybrid.engine import prepare_hybrid
+from memfl.methods.fedhybrid.profile import profile_model, segments_of
 from memfl.models.base import ConvBNReLU
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 
 
 def _step_view(p, shape):
@@ -172,7 +172,7 @@ def test_measured_memory_of_a_compressed_step_drops_as_the_bits_say():
         plan = Plan(kind="hybrid", segments={n: f"q{bits}" for n in prof.names})
         measured[bits] = measure(factory, shape, plan=plan, steps=2).peak_bytes
     assert measured["full"] > measured[8] > measured[4] > measured[2]
-    from memfl.hybrid.profile import tensor_cost
+    from memfl.methods.fedhybrid.profile import tensor_cost
 
     for bits in (8, 4, 2):
         modes = [f"q{bits}"] * prof.head

@@ -25,10 +25,11 @@ if shutil.which(_bin("flower-superlink")) is None:  # pragma: no cover - flwr in
     pytest.skip("flower-superlink is neither beside this Python nor on PATH", allow_module_level=True)
 
 from memfl.config import build_config  # noqa: E402
-from memfl.protocol import Plan  # noqa: E402
+from memfl.core.protocol import Plan  # noqa: E402
 from memfl.runtime.flower.local import LocalFederation, federation_node_configs, local_settings, run_on  # noqa: E402
-from memfl.runtime.sim import load_data, model_builder, run_experiment  # noqa: E402
-from memfl.strategies import STRATEGIES  # noqa: E402
+from memfl.runtime.sim import run_experiment  # noqa: E402
+from memfl.server.setup import load_data, model_builder  # noqa: E402
+from memfl.methods import STRATEGIES  # noqa: E402
 
 MB = 1 << 20
 NODES = 3
@@ -75,8 +76,8 @@ def _declared(fed) -> dict[int, int]:
 def expected_plans(method: str, declared: dict[int, int], full_peak: int, rnd: int) -> dict[int, str]:
     """Client id -> plan label that ``method`` must give in round ``rnd`` of this federation
     (derived from the declared budgets and the rules of each strategy, not from a run)."""
-    from memfl.hybrid.planner import budget_needed
-    from memfl.strategies.fedhybrid import DEFAULTS
+    from memfl.methods.fedhybrid.planner import budget_needed
+    from memfl.methods.fedhybrid.strategy import DEFAULTS
 
     fits_full = {c for c, b in declared.items() if b >= full_peak}
     fits_full_margin = {c for c, b in declared.items() if b >= budget_needed(full_peak, DEFAULTS["margin"])}
@@ -98,7 +99,7 @@ def expected_plans(method: str, declared: dict[int, int], full_peak: int, rnd: i
 def test_the_federation_exercises_every_kind_of_participation(federation):
     """The budgets chosen above do what the comments say (else the strategy tests prove less)."""
     config = make_config("unused")
-    from memfl.runtime.sim import make_context
+    from memfl.server.setup import make_context
 
     data = load_data(config)
     full_peak = make_context(config, data.input_shape, data.num_classes,
@@ -151,7 +152,7 @@ def test_strategy_on_flower_matches_the_simulator(federation, tmp_path, monkeypa
         # recomputed, which compressed at how many bits -- for the same budget, each as valid. Check
         # that the ServerApp's plans fit the budgets, then give this simulator those plans: the
         # runtime must then add no difference of its own.
-        from memfl.strategies.fedhybrid import DEFAULTS, FedHybrid
+        from memfl.methods.fedhybrid.strategy import DEFAULTS, FedHybrid
 
         served = {}
         for r in rounds:

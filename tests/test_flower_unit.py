@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 
-from memfl.protocol import HyperParams, Instruction, Plan, Result  # noqa: E402
+from memfl.core.protocol import HyperParams, Instruction, Plan, Result  # noqa: E402
 from memfl.runtime.flower import serde  # noqa: E402
 from memfl.runtime.flower.appconfig import AppSettings, app_pyproject  # noqa: E402
 
@@ -130,10 +130,10 @@ def test_node_spec_budget_sources(small_config):
 
 def test_client_app_in_process_matches_the_simulators_client(small_config, tmp_path):
     """The ClientApp, called in-process, trains client i exactly as the simulator's trainer does."""
-    from memfl.engine.trainer import LocalTrainer
+    from memfl.core.trainer import LocalTrainer
     from memfl.runtime.flower.client_app import app
-    from memfl.runtime.sim import build_federation, load_data, make_context, model_builder
-    from memfl.strategies import STRATEGIES
+    from memfl.server.setup import build_federation, load_data, make_context, model_builder
+    from memfl.methods import STRATEGIES
 
     config = small_config()
     data = load_data(config)

@@ -1,14 +1,15 @@
-"""The optimizer step fused into backward (memfl.engine.StepInBackward, plan option fused_step)."""
+"""The optimizer step fused into backward (memfl.core.engine.StepInBackward, plan option fused_step)."""
 
 import pytest
 import torch
 from torch import nn
 
-from memfl.engine import StepInBackward, TrainStep, make_step_optimizer, prepare
-from memfl.engine.trainer import LocalTrainer
-from memfl.hybrid.profile import plan_memory, profile_model
+from memfl.core.engine import TrainStep, prepare
+from memfl.core.optim import StepInBackward, make_step_optimizer
+from memfl.core.trainer import LocalTrainer
+from memfl.methods.fedhybrid.profile import plan_memory, profile_model
 from memfl.models.base import ConvBNReLU
-from memfl.protocol import HyperParams, Instruction, Plan
+from memfl.core.protocol import HyperParams, Instruction, Plan
 
 
 def _model(plan=None):

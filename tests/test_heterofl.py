@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from memfl.engine.trainer import LocalTrainer
+from memfl.core.trainer import LocalTrainer
 from memfl.models import build_model
-from memfl.protocol import HyperParams, Plan, Result
-from memfl.strategies import STRATEGIES, ClientInfo, FederationContext
-from memfl.strategies.heterofl import HeteroFL, nested_fedavg, slice_to
+from memfl.core.protocol import HyperParams, Plan, Result
+from memfl.core.strategy import ClientInfo, FederationContext
+from memfl.methods import STRATEGIES
+from memfl.methods.heterofl.strategy import HeteroFL, nested_fedavg, slice_to
 
 
 def model_fn(plan):
@@ -22,7 +23,7 @@ def make_ctx():
 
     return FederationContext(model_fn=model_fn, input_shape=(1, 28, 28), num_classes=10,
                              hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=10, seed=0,
-                             peak_fn=peak_fn, options={})
+                             peak_fn=peak_fn)
 
 
 def test_slice_to_takes_leading_slices():

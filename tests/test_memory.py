@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from memfl.engine import ENGINES, TrainStep
+from memfl.core.engine import ENGINES, TrainStep
 from memfl.memory import MeasurementError, estimate, measure, tensor_bytes
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 
 F32 = 4
 

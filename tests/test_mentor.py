@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memfl.mentor import coefficients, gaussian_kernel, hsic, mentor_loss, nhsic, one_hot
+from memfl.methods.scalefl.mentor import coefficients, gaussian_kernel, hsic, mentor_loss, nhsic, one_hot
 
 
 def reference_nhsic(a, b, sigma=5.0, normalize=True):

@@ -1,4 +1,4 @@
-"""FedHybrid's planner (memfl.hybrid.planner) and `memfl plan`."""
+"""FedHybrid's planner (memfl.methods.fedhybrid.planner) and `memfl plan`."""
 
 import itertools
 import json
@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from memfl.hybrid.planner import (
+from memfl.methods.fedhybrid.planner import (
     InfeasibleBudget,
     allowed_modes,
     min_feasible,
     plan_for_budget,
     solve,
 )
-from memfl.hybrid.profile import ModelProfile, plan_memory, plan_seconds, profile_model
+from memfl.methods.fedhybrid.profile import ModelProfile, plan_memory, plan_seconds, profile_model
 from memfl.models.base import ConvBNReLU
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 
 
 def _block_model():
@@ -135,7 +135,7 @@ def _deep_net(layers=6, width=16):
 def test_plan_measured_peak_fits_its_budget():
     """Plan for 60% of the full-training peak on a small model; the real peak (fresh subprocess)
     fits the budget."""
-    from memfl.hybrid.cli import solve_for_model
+    from memfl.methods.fedhybrid.solve import solve_for_model
     from memfl.memory import measure
 
     net = _deep_net()

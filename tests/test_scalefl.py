@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from memfl.engine import prepare
-from memfl.engine.trainer import LocalTrainer
+from memfl.core.engine import prepare
+from memfl.core.trainer import LocalTrainer
 from memfl.models import build_model
-from memfl.protocol import HyperParams, Plan, Result
-from memfl.scalefl import PartitionError, ScaleFLModel, partition_model, scalefl_model_fn, stage_client_model
-from memfl.strategies import STRATEGIES, ClientInfo, FederationContext
-from memfl.strategies.scalefl import ScaleFL, plateaued
+from memfl.core.protocol import HyperParams, Plan, Result
+from memfl.methods.scalefl import PartitionError, ScaleFLModel, partition_model, scalefl_model_fn, stage_client_model
+from memfl.core.strategy import ClientInfo, FederationContext
+from memfl.methods import STRATEGIES
+from memfl.methods.scalefl.config import ScaleFLConfig
+from memfl.methods.scalefl.strategy import ScaleFL, plateaued
 
 
 def cnn(plan=None):
@@ -211,7 +213,7 @@ def make_ctx(peaks=None, **scalefl):
 
     return FederationContext(model_fn=cnn, input_shape=(1, 28, 28), num_classes=10,
                              hparams=HyperParams(batch_size=8, lr=0.05, max_steps=3), per_round=10, seed=0,
-                             peak_fn=peak_fn, options={"run": {"rounds": 8}, "scalefl": scalefl})
+                             peak_fn=peak_fn, rounds=8, settings=ScaleFLConfig(**scalefl))
 
 
 def clients(*budgets):
@@ -222,7 +224,7 @@ def test_eligibility_follows_the_predicted_stage_peak():
     peaks = {1: 500, 2: 300, 3: 200, 4: 100}
     strat = ScaleFL(make_ctx(peaks))
     pool = clients(50, 150, 250, 350, 600)
-    model = strat.wrap_model_fn(cnn, {})(Plan())
+    model = strat.wrap_model_fn(cnn, strat.ctx)(Plan())
     params = model.state_dict()
     for stage, fits in [(1, {4}), (2, {3, 4}), (3, {2, 3, 4}), (4, {1, 2, 3, 4})]:
         strat.stage = stage
@@ -247,7 +249,7 @@ def _fit(strat, model_fn, ins, n=32, seed=0):
 def test_co_adapted_layer_is_trained_and_merged(harmonizer):
     torch.manual_seed(0)
     strat = ScaleFL(make_ctx(harmonizer=harmonizer))
-    model_fn = strat.wrap_model_fn(cnn, {})
+    model_fn = strat.wrap_model_fn(cnn, strat.ctx)
     params = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
     strat.stage = 2
     ins = strat.configure_train(1, params, clients(10**9, 10**9))
@@ -301,7 +303,7 @@ def test_default_r_max_fits_every_stage_in_the_run_and_cyclic_schedule():
 
 
 def test_registered_everywhere():
-    from memfl.engine import ENGINES
+    from memfl.core.engine import ENGINES
 
     assert STRATEGIES["scalefl"] is ScaleFL and "stage" in ENGINES and "width" in ENGINES
     fn = scalefl_model_fn(cnn, 4)

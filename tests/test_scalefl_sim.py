@@ -85,7 +85,8 @@ def test_heterofl_runs_with_nested_widths(small_config):
 
 
 def test_cli_switches_and_report_draw_the_nhsic_plane(scalefl_config, tmp_path, capsys):
-    from memfl.cli import build_parser, config_from_args, main
+    from memfl.cli import build_parser, main
+    from memfl.cli.common import config_from_args
 
     args = build_parser().parse_args(["run", "--method", "scalefl", "--no-mentor", "--no-harmonizer",
                                       "--schedule", "cyclic", "--blocks", "3", "--cut", "balanced"])

@@ -1,9 +1,9 @@
-"""Client selection (memfl.selection) and the fedhybrid / oort / random strategies."""
+"""Client selection (memfl.methods.fedhybrid.selection) and the fedhybrid / oort / random strategies."""
 
 import numpy as np
 import pytest
 
-from memfl.selection import Candidate, Selector
+from memfl.methods.fedhybrid.selection import Candidate, Selector
 
 
 def _cands(n=10, seconds=None, mem=None):
@@ -116,16 +116,16 @@ def test_fedhybrid_trains_low_budget_clients_with_hybrid_plans(small_config):
 
 
 def test_oort_fedprox_sends_a_proximal_term(small_config):
-    from memfl.runtime.sim import build_federation, load_data, make_context, model_builder
-    from memfl.strategies import STRATEGIES
+    from memfl.server.setup import build_federation, load_data, make_context, model_builder
+    from memfl.methods import STRATEGIES
 
     cfg = small_config(method="oort+fedprox", budgets="relative:2-3")
     data = load_data(cfg)
     model_fn = model_builder(cfg, data.input_shape, data.num_classes)
     ctx = make_context(cfg, data.input_shape, data.num_classes, model_fn)
     strat = STRATEGIES["oort+fedprox"](ctx)
-    clients = build_federation(cfg, data, ctx.peak_fn(__import__("memfl.protocol").protocol.Plan()))
-    params = model_fn(__import__("memfl.protocol").protocol.Plan()).state_dict()
+    clients = build_federation(cfg, data, ctx.peak_fn(__import__("memfl.core.protocol").core.protocol.Plan()))
+    params = model_fn(__import__("memfl.core.protocol").core.protocol.Plan()).state_dict()
     ins = strat.configure_train(1, params, [c.info for c in clients])
     assert ins and all(i.hparams.prox_mu == pytest.approx(0.01) for i in ins)
 
@@ -136,7 +136,7 @@ def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path
     import torch
     from safetensors.torch import load_file
 
-    import memfl.strategies.fedhybrid as fh
+    import memfl.methods.fedhybrid.strategy as fh
     from memfl.runtime.sim import run_experiment
 
     def cfg(out):

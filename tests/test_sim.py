@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from memfl.engine.trainer import LocalTrainer
-from memfl.protocol import HyperParams, Instruction, Plan
+from memfl.core.trainer import LocalTrainer
+from memfl.core.protocol import HyperParams, Instruction, Plan
 from memfl.runtime.sim import run_experiment
 
 

@@ -44,9 +44,9 @@ def _config(out: Path, quick: bool, dataset: str):
 
 def _serde_seconds(config) -> dict[str, float]:
     """Time the record conversion of one instruction and one result for the workload's model."""
-    from memfl.protocol import Instruction, Plan, Result
+    from memfl.core.protocol import Instruction, Plan, Result
     from memfl.runtime.flower import serde
-    from memfl.runtime.sim import load_data, model_builder
+    from memfl.server.setup import load_data, model_builder
 
     data = load_data(config)
     params = model_builder(config, data.input_shape, data.num_classes)(Plan()).state_dict()
@@ -137,7 +137,8 @@ def _flower(config, fl_out: Path, warm: bool, steady: list[int], sim_med: float)
 def run(out: Path, quick: bool) -> dict[str, Any]:
     from memfl.data import DataError
     from memfl.runtime.flower.local import local_settings
-    from memfl.runtime.sim import load_data, run_experiment
+    from memfl.runtime.sim import run_experiment
+    from memfl.server.setup import load_data
 
     out.mkdir(parents=True, exist_ok=True)
     dataset = "fashion-mnist"

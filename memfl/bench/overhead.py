@@ -24,9 +24,11 @@ from memfl.config import build_config
 from memfl.data import DataError
 from safetensors.torch import load_file
 
-from memfl.runtime.sim import CHECKPOINT_TENSORS, build_federation, load_data, model_builder, run_experiment
-from memfl.protocol import Plan
-from memfl.strategies import round_seed
+from memfl.runtime.sim import run_experiment
+from memfl.server.checkpoint import CHECKPOINT_TENSORS
+from memfl.server.setup import build_federation, load_data, model_builder
+from memfl.core.protocol import Plan
+from memfl.core.seeding import round_seed
 
 
 def _bare_round(config, rnd, clients_by_id, client_ids, global_state, model) -> float:

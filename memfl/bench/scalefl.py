@@ -4,7 +4,7 @@ Memory (SPEC 2, issue 3): ResNet-18 at CIFAR-10 shapes (3x32x32, batch 64, SGD w
 the estimated (:func:`memfl.memory.estimate`) and measured (:func:`memfl.memory.measure`, a fresh
 subprocess) peak of full training and of every stage, for the spec's cut (the four ResNet stages,
 stem in block 1) and the memory-balanced cut, T = 4, plus the balanced cut at T = 6. A stage-t
-client holds only blocks 1..t, O_t and P_t (:func:`memfl.scalefl.stage_client_model`). The
+client holds only blocks 1..t, O_t and P_t (:func:`memfl.methods.scalefl.stage_client_model`). The
 figure of merit is the reduction of the *largest* stage against full training (goal >= 60%).
 
 Accuracy: Fashion-MNIST, ``cnn``, 100 clients, Dirichlet(0.5), 10 per round, budgets
@@ -42,8 +42,8 @@ def _resnet18_factory():
 def memory_rows(quick: bool) -> dict[str, Any]:
     """Estimated and measured peaks of full training and of every stage (see the module doc)."""
     from memfl.memory import estimate, measure
-    from memfl.protocol import Plan
-    from memfl.scalefl import stage_client_factory
+    from memfl.core.protocol import Plan
+    from memfl.methods.scalefl import stage_client_factory
 
     batch = 8 if quick else 64
     shape = (batch, 3, 32, 32)
@@ -61,7 +61,7 @@ def memory_rows(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"model": "resnet18", "input_shape": list(shape), "optimizer": "sgd, momentum 0.9",
                            "full": full, "cuts": []}
     for mode, blocks in cuts:
-        from memfl.scalefl import ScaleFLModel
+        from memfl.methods.scalefl import ScaleFLModel
 
         groups = ScaleFLModel(base(), blocks, mode=mode, batch_size=batch).partition.groups
         stages = []
@@ -246,11 +246,12 @@ def blockwise_proxy(data, mentor: dict[str, Any] | None, *, steps: int = 150, ba
     """Centralised sequential block-wise training (ScaleFL's local computation without the
     federation): each of the 4 stages trains ``steps`` SGD steps; returns the test accuracy of every
     exit after its stage and of the final model, and the nHSIC point of each block."""
-    from memfl.engine import make_optimizer, prepare
-    from memfl.engine.trainer import evaluate
+    from memfl.core.engine import prepare
+    from memfl.core.optim import make_optimizer
+    from memfl.core.trainer import evaluate
     from memfl.models import build_model
-    from memfl.protocol import Plan
-    from memfl.scalefl import ScaleFLModel
+    from memfl.core.protocol import Plan
+    from memfl.methods.scalefl import ScaleFLModel
 
     torch.manual_seed(seed)
     sm = ScaleFLModel(build_model("cnn", width=width), 4, exit_width=exit_width)
@@ -278,8 +279,8 @@ def blockwise_proxy(data, mentor: dict[str, Any] | None, *, steps: int = 150, ba
 
 def end_to_end_proxy(data, *, steps: int = 600, batch: int = 64, width: float = 0.25, seed: int = 0) -> float:
     """The reference for the mentor search: the same cnn trained end to end for as many steps."""
-    from memfl.engine import make_optimizer
-    from memfl.engine.trainer import evaluate
+    from memfl.core.optim import make_optimizer
+    from memfl.core.trainer import evaluate
     from memfl.models import build_model
 
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Peak training memory: predict it (:func:`estimate`) and measure it (:func:`measure`).
 
-Both go through :func:`memfl.engine.prepare` and :meth:`memfl.engine.TrainStep.loss`, so every plan
+Both go through :func:`memfl.core.engine.prepare` and :meth:`memfl.core.engine.TrainStep.loss`, so every plan
 kind (full training, ScaleFL stages, hybrid recompute/compress) is estimated and measured the same
 way. See :mod:`memfl.memory.estimate` for the memory model and :mod:`memfl.memory.measure` for what
 the measurement counts.

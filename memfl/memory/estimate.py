@@ -22,7 +22,7 @@ of steps is ``parameters + optimizer_state + overhead + max(timeline peak, optim
 
 How each part is obtained
 -------------------------
-Everything goes through :func:`memfl.engine.prepare` on a *deep copy* of the model (the caller's
+Everything goes through :func:`memfl.core.engine.prepare` on a *deep copy* of the model (the caller's
 model, its BN statistics and ``.grad`` are never touched), so any plan kind is understood:
 
 - ``parameters``: bytes of every parameter and buffer of ``TrainStep.module`` (frozen ones too),
@@ -49,7 +49,7 @@ model, its BN statistics and ``.grad`` are never touched), so any plan kind is u
   value at the end of the backward (the gradients, plus anything the step leaves behind) feeds the
   optimizer phase. No optimizer step is run and the copy is discarded.
 - a step that fuses the optimizer into backward (``TrainStep.step_in_backward``,
-  :class:`memfl.engine.StepInBackward`): the profiled backward drops every gradient as soon as it
+  :class:`memfl.core.engine.StepInBackward`): the profiled backward drops every gradient as soon as it
   is accumulated (a post-accumulate-grad hook), as the real step does after updating the
   parameter, so the timeline holds only the gradients in flight; ``gradients`` is then the
   largest parameter's, and the optimizer's per-parameter temporaries are charged at the
@@ -99,8 +99,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from memfl.engine import TrainStep, prepare
-from memfl.protocol import Plan
+from memfl.core.engine import TrainStep, prepare
+from memfl.core.protocol import Plan
 
 MiB = 2**20
 #: Runtime state the training steps create that is not a tensor (see the module docstring).
@@ -472,7 +472,7 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
 
     input_shape:     the input batch shape including the batch, e.g. ``(32, 1, 28, 28)``.
     optimizer:       ``"sgd"`` (with ``momentum``; 0 means plain SGD) or ``"adam"``.
-    plan:            the training plan (default full training), via :func:`memfl.engine.prepare`.
+    plan:            the training plan (default full training), via :func:`memfl.core.engine.prepare`.
     weight_decay:    adds the optimizer's weight-decay temporary (one parameter's size).
     profile_batches: the two small batch sizes profiled (requests at or below the larger one are
                      profiled directly at the requested size).

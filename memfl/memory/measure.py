@@ -25,7 +25,7 @@ is counted. In the child:
    opt.step()``, the forward inside ``step.saved_tensors()`` when the step has one (as the
    trainer does). The model returned by ``model_fn`` stays referenced during the steps: a client
    that holds only part of a model (a ScaleFL stage) must be built that way by ``model_fn``
-   (e.g. ``memfl.scalefl.stage_client_factory``).
+   (e.g. ``memfl.methods.scalefl.stage_client_factory``).
 5. ``peak_bytes`` = high-water mark during 4. minus the baseline.
 
 CPU: resident set size. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every
@@ -63,7 +63,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 
 MMAP_THRESHOLD = 65536
 
@@ -171,7 +171,8 @@ def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[i
                    optimizer: str, plan: Plan | None, device: str, momentum: float,
                    weight_decay: float) -> int:
     """One throw-away training step of a throw-away model at batch 2; returns num_classes."""
-    from memfl.engine import make_step_optimizer, prepare
+    from memfl.core.engine import prepare
+    from memfl.core.optim import make_step_optimizer
 
     model = model_fn().to(device)
     model.train()
@@ -194,7 +195,8 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
 
     import torch
 
-    from memfl.engine import make_step_optimizer, prepare
+    from memfl.core.engine import prepare
+    from memfl.core.optim import make_step_optimizer
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
@@ -266,7 +268,7 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
                  in ``[0, num_classes)`` with ``num_classes`` read from the model's output.
     optimizer:   ``"sgd"`` (with ``momentum``) or ``"adam"``; lr 0.01, ``weight_decay``.
     plan:        the training plan (default full training); the step comes from
-                 :func:`memfl.engine.prepare`, and its ``saved_tensors`` context (if any) wraps the
+                 :func:`memfl.core.engine.prepare`, and its ``saved_tensors`` context (if any) wraps the
                  forward, as in the trainer.
     timeout:     seconds before the child is killed and :class:`TimeoutError` raised.
 

@@ -6,7 +6,7 @@ SGD lr 0.01 momentum 0.9, the same seed for every method.
 
 Budgets that bind: the device table's budgets are GBs while this model needs ~10 MB, so every
 client's *capacity* is drawn ``relative:0.85-1.35`` x the full-training peak (estimated), and
-contention traces (``[fedhybrid] contention = true``, memfl/memory/budget.py) take 2-30% of it away
+contention traces (``[fedhybrid] contention = true``, memfl/methods/fedhybrid/budget.py) take 2-30% of it away
 round by round. The server sees the predicted budget; the simulator checks the real one (a client
 whose plan's predicted peak exceeds the real budget is killed: status ``oom``). Devices (and so
 speeds and contention models) come from the device table.
@@ -34,10 +34,10 @@ from typing import Any
 
 from memfl.bench.hybrid.common import machine, mb
 from memfl.config import build_config
-from memfl.hybrid.profile import profile_model
+from memfl.methods.fedhybrid.profile import profile_model
 from memfl.memory import measure
 from memfl.models import build_model
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 from memfl.report import plot_accuracy
 from memfl.runtime.sim import run_experiment
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from memfl.bench.hybrid.common import machine, mb, mode_summary
-from memfl.hybrid.cli import estimator
-from memfl.hybrid.planner import (
+from memfl.methods.fedhybrid.solve import estimator
+from memfl.methods.fedhybrid.planner import (
     DEFAULT_MARGIN,
     SMALL_MODEL_SLACK_BYTES,
     InfeasibleBudget,
@@ -29,10 +29,10 @@ from memfl.hybrid.planner import (
     plan_for_budget,
     uniform_plan,
 )
-from memfl.hybrid.profile import plan_seconds, profile_model
+from memfl.methods.fedhybrid.profile import plan_seconds, profile_model
 from memfl.memory import measure
 from memfl.models import build_model
-from memfl.protocol import Plan
+from memfl.core.protocol import Plan
 
 FRACTIONS = (0.75, 0.5, 0.35, 0.25)
 GOAL_RATIO_AT_HALF = 1.3
@@ -44,7 +44,7 @@ def synthetic_profile(segments: int, seed: int = 0):
     solver on models larger than the shipped ones."""
     import numpy as np
 
-    from memfl.hybrid.profile import ModelProfile, SavedTensor, SegmentProfile
+    from memfl.methods.fedhybrid.profile import ModelProfile, SavedTensor, SegmentProfile
 
     rng = np.random.default_rng(seed)
     segs, tensors = [], []
@@ -69,8 +69,8 @@ def synthetic_profile(segments: int, seed: int = 0):
 def solver_scaling(sizes=(9, 17, 50, 100, 200)) -> list[dict[str, Any]]:
     """Wall time of the exact planner (the DP) on synthetic chains, at a budget halfway between the
     smallest peak and full training."""
-    from memfl.hybrid.planner import min_feasible, solve
-    from memfl.hybrid.profile import plan_memory
+    from memfl.methods.fedhybrid.planner import min_feasible, solve
+    from memfl.methods.fedhybrid.profile import plan_memory
 
     rows = []
     for n in sizes:
@@ -96,7 +96,8 @@ def time_plans(factory, shape: tuple[int, ...], plans: dict[str, Plan], rounds: 
 
     import torch
 
-    from memfl.engine import make_step_optimizer, prepare
+    from memfl.core.engine import prepare
+    from memfl.core.optim import make_step_optimizer
 
     torch.manual_seed(0)
     model = factory()

@@ -1,7 +1,7 @@
 """Benchmark ``hybrid-predictor``: the memory budget predictor on held-out contention traces.
 
-The predictor (:class:`memfl.memory.budget.BudgetPredictor`) is fitted on traces of one seed and
-judged on traces of another (the same generator, :func:`memfl.memory.budget.contention_trace`):
+The predictor (:class:`memfl.methods.fedhybrid.budget.BudgetPredictor`) is fitted on traces of one seed and
+judged on traces of another (the same generator, :func:`memfl.methods.fedhybrid.budget.contention_trace`):
 per round, the real budget (minimum available memory over the round) against the prediction made
 from the trace before the round. Violation rate: share of rounds with real < predicted. Mean
 unused headroom: mean of (real - predicted) / real, zero for violated rounds. A sweep over the
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from memfl.bench.hybrid.common import machine
-from memfl.memory.budget import (
+from memfl.methods.fedhybrid.budget import (
     CONTENTION,
     TICKS_PER_ROUND,
     BudgetPredictor,
@@ -88,6 +88,6 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     lines += ["", f"Goal: violation rate <= 1% with mean unused headroom <= 10%: "
               f"{'met' if summary['met'] else '**not met**'} (default quantile {DEFAULT_QUANTILE}: "
               f"{100 * head['violation_rate']:.2f}%, {100 * head['mean_headroom']:.1f}%). The traces come from our "
-              "documented generator (memfl/memory/budget.py), not from measured devices.", ""]
+              "documented generator (memfl/methods/fedhybrid/budget.py), not from measured devices.", ""]
     (out / "hybrid-predictor.md").write_text("\n".join(lines))
     return summary

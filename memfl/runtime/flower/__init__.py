@@ -7,7 +7,7 @@ A thin adapter, no second copy of any algorithm (see docs/FLOWER.md):
 - :mod:`~memfl.runtime.flower.server_app` ``app``: a ServerApp driving any memfl Strategy
 - :mod:`~memfl.runtime.flower.client_app` ``app``: a ClientApp running memfl's LocalTrainer
 - :mod:`~memfl.runtime.flower.local`      a SuperLink + N SuperNodes on 127.0.0.1 (``memfl flower local``)
-- :mod:`~memfl.runtime.flower.cli`        ``memfl flower app`` / ``memfl flower local``
+- :mod:`~memfl.cli.flower`        ``memfl flower app`` / ``memfl flower local``
 
 Nothing here is imported by ``import memfl``: flwr is loaded only when this runtime is used.
 """

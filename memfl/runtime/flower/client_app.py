@@ -25,7 +25,7 @@ Two handlers:
 
 - ``query``: the node describes itself (partition, sample count, budget, device, input shape).
   The ServerApp asks before it plans: Flower tells the server nothing but random node ids.
-- ``train``: one :class:`~memfl.protocol.Instruction` in, one :class:`~memfl.protocol.Result` out,
+- ``train``: one :class:`~memfl.core.protocol.Instruction` in, one :class:`~memfl.core.protocol.Result` out,
   plus what the node measured (its timings, its peak RSS during training).
 """
 
@@ -127,7 +127,7 @@ def node_spec(node_config: Mapping[str, Any], config: Config) -> NodeSpec:
 # ----------------------------------------------------------------------------------- data
 @lru_cache(maxsize=2)
 def _dataset(config_json: str):
-    from memfl.runtime.sim import load_data
+    from memfl.server.setup import load_data
 
     return load_data(build_config(json.loads(config_json)))
 
@@ -208,16 +208,15 @@ def _save_share(path, x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], 
 
 @lru_cache(maxsize=2)
 def _trainer(config_json: str, input_shape: tuple[int, ...], num_classes: int, device: str):
-    from memfl.engine.trainer import LocalTrainer
-    from memfl.runtime.sim import model_builder
-
-    from memfl.strategies import STRATEGIES
+    from memfl.core.registry import STRATEGIES
+    from memfl.core.trainer import LocalTrainer
+    from memfl.server.setup import make_context, model_builder
 
     config = build_config(json.loads(config_json))
     model_fn = model_builder(config, input_shape, num_classes)
-    wrap = getattr(STRATEGIES[config.run.method], "wrap_model_fn", None)
-    if wrap is not None:  # as the simulator does: the strategy's model around the plain one
-        model_fn = wrap(model_fn, config.to_json())
+    # as the server does: the strategy's model around the plain one (ScaleFL's output modules)
+    ctx = make_context(config, input_shape, num_classes, model_fn)
+    model_fn = STRATEGIES[config.run.method].wrap_model_fn(model_fn, ctx)
     return LocalTrainer(model_fn, device=device)
 
 

@@ -411,11 +411,11 @@ def _tail(path: Path, lines: int = 25) -> str:
 def federation_node_configs(config: Config, nodes: int) -> list[dict[str, Any]]:
     """Node ``i`` as client ``i`` of the simulator: partition, device and memory budget.
 
-    The budgets are the simulator's (:func:`memfl.runtime.sim.build_federation`), declared in
+    The budgets are the simulator's (:func:`memfl.server.setup.build_federation`), declared in
     MiB as exact floats so that ``budget_bytes`` arrives unchanged.
     """
-    from memfl.protocol import Plan
-    from memfl.runtime.sim import build_federation, load_data, make_context, model_builder
+    from memfl.core.protocol import Plan
+    from memfl.server.setup import build_federation, load_data, make_context, model_builder
 
     data = load_data(config)
     model_fn = model_builder(config, data.input_shape, data.num_classes)

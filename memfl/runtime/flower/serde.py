@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from memfl.protocol import Instruction, Result
+from memfl.core.protocol import Instruction, Result
 
 PARAMS = "params"
 META = "meta"

@@ -2,8 +2,8 @@
 
 Per run:
 
-1. Build the task exactly as the simulator does (:func:`memfl.runtime.sim.load_data`,
-   :func:`~memfl.runtime.sim.set_up_server`: the same seeds and order), so the initial model, the
+1. Build the task exactly as the simulator does (:func:`memfl.server.setup.load_data`,
+   :func:`~memfl.server.setup.set_up_server`: the same seeds and order), so the initial model, the
    strategy and a resumed checkpoint are the simulator's.
 2. Wait for ``min-nodes`` SuperNodes and ask each who it is (a ``query`` message): its partition
    (= memfl client id), sample count, memory budget and device. Flower gives the server only random
@@ -33,7 +33,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from memfl.protocol import Plan, Result
+from memfl.core.protocol import Plan, Result
 from memfl.runtime.flower.appconfig import AppSettings
 from memfl.runtime.flower.serde import (
     META,
@@ -43,7 +43,7 @@ from memfl.runtime.flower.serde import (
     instruction_to_content,
     json_record,
 )
-from memfl.strategies import ClientInfo
+from memfl.core.strategy import ClientInfo
 
 #: Flower error code of a ClientApp that raised (the node itself is alive)
 CLIENT_APP_RAISED = 2
@@ -172,8 +172,11 @@ class FlowerServer:
     # -- the experiment -------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from memfl.data import DataError
-        from memfl.engine.trainer import evaluate
-        from memfl.runtime.sim import Checkpoint, _nbytes, _transfer_seconds, load_data, set_up_server, summarize
+        from memfl.core.trainer import evaluate
+        from memfl.server.checkpoint import Checkpoint
+        from memfl.server.clock import client_seconds
+        from memfl.server.records import summarize
+        from memfl.server.setup import load_data, set_up_server
 
         config = self.config
         out = Path(config.run.out)
@@ -257,8 +260,7 @@ class FlowerServer:
                     rec.update(
                         status="ok", num_samples=res.num_samples, steps=res.steps, train_loss=res.loss,
                         compute_seconds=res.compute_seconds,
-                        virtual_seconds=res.compute_seconds / node.client.speed
-                        + _transfer_seconds(_nbytes(ins.params) + _nbytes(res.params)),
+                        virtual_seconds=client_seconds(res.compute_seconds, node.client.speed, ins.params, res.params),
                         metrics=res.metrics, round_trip_seconds=seconds,
                         node={**extra, "serialize_seconds": metrics.get("serialize-seconds"),
                               "handler_seconds": metrics.get("handler-seconds")},

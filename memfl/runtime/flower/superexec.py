@@ -44,8 +44,9 @@ PRELOAD = (
     "memfl.runtime.flower.client_app",
     "memfl.runtime.flower.server_app",
     "memfl.runtime.sim",
-    "memfl.engine.trainer",
-    "memfl.strategies",
+    "memfl.core.trainer",
+    "memfl.methods",
+    "memfl.server.setup",
 )
 
 

@@ -1,0 +1,191 @@
+"""FedHybrid (SPEC 3) and its selection baselines ``oort``, ``random``, ``oort+fedprox``.
+
+``fedhybrid``: every round, for every client,
+
+1. its *predicted* budget (the runtime puts it in ``ClientInfo.budget_bytes``; with
+   ``[fedhybrid] contention = true`` the simulator predicts it from the client's memory trace,
+   :mod:`memfl.methods.fedhybrid.budget`);
+2. its plan: the fastest hybrid keep/recompute/compress plan whose estimated peak is at most
+   ``budget * (1 - margin)`` -- looked up in a table of plans the server solves once (exact ILP,
+   :func:`memfl.methods.fedhybrid.planner.frontier`, each verified with :func:`memfl.memory.estimate`), full
+   training when it fits; clients below the cheapest plan sit the round out;
+3. selection among the eligible clients by ``[fedhybrid] selection`` (default ``fedhybrid``:
+   Stat x MemStat x CompStat + UCB, :mod:`memfl.methods.fedhybrid.selection`), where CompStat uses the client's
+   predicted round time *under its plan* on its device;
+4. the client trains with the ``hybrid`` engine; the server aggregates with FedAvg and feeds the
+   reported sample losses and durations back to the selector.
+
+Baselines (the paper's): ``random``, ``oort`` and ``oort+fedprox`` train the full model only: a
+client is eligible when the full-training estimate fits its predicted budget the same way
+(memory-unaware training, but they are not sent clients that would surely fail; with
+``[fedhybrid] baseline_memory = "unaware"`` they are, and the simulator's contention check kills
+those whose real budget is too small, as the paper's memory-unaware baselines); ``oort+fedprox``
+adds FedProx's proximal term (``train.prox_mu``, or ``[fedhybrid] prox_mu`` when that is 0).
+``memfl run --method fedhybrid --selection random|oort`` keeps FedHybrid's plans and swaps only
+the selector (the ablation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from memfl.methods.fedhybrid.config import FedHybridConfig
+from memfl.methods.fedhybrid.planner import PlanChoice, frontier, full_choice, pick
+from memfl.methods.fedhybrid.profile import profile_model
+from memfl.core.protocol import Instruction, Plan, Result
+from memfl.methods.fedhybrid.selection import Candidate, Selector
+from memfl.core.strategy import ClientInfo, FederationContext, Strategy
+
+#: bandwidth the selector assumes for transfers (the simulator's virtual clock uses the same)
+BANDWIDTH_MBPS = 20.0
+
+
+class FedHybrid(Strategy):
+    """Memory-aware selection + per-client hybrid plans (see the module docs)."""
+
+    name = "fedhybrid"
+    selection: str | None = None  # None: [fedhybrid] selection
+    plans = "hybrid"  # "hybrid" | "full"
+    fedprox = False
+
+    def __init__(self, ctx: FederationContext) -> None:
+        super().__init__(ctx)
+        s: FedHybridConfig = ctx.settings or FedHybridConfig()
+        self.settings = s
+        self.selector = Selector(name=self.selection or s.selection, explore=s.explore,
+                                 explore_decay=s.explore_decay, explore_min=s.explore_min)
+        self.margin = s.margin
+        self.full_peak = int(ctx.peak_fn(Plan()))
+        self._table: list[PlanChoice] | None = None
+        self._choices: dict[int, PlanChoice | None] = {}
+        self._speeds: dict[int, float] = {}
+        self._report: dict[str, Any] = {}
+        hp = ctx.hparams
+        self.prox_mu = (hp.prox_mu or s.prox_mu) if self.fedprox else hp.prox_mu
+        param_bytes = sum(t.numel() * t.element_size() for t in self._reference.state_dict().values())
+        self._transfer = 2 * param_bytes * 8 / (BANDWIDTH_MBPS * 1e6)
+
+    # -- plans ----------------------------------------------------------------------------------
+    def table(self) -> list[PlanChoice]:
+        """The plans this server hands out, fastest first (solved and verified once)."""
+        if self._table is None:
+            s, hp = self.settings, self.ctx.hparams
+            shape = (hp.batch_size, *self.ctx.input_shape)
+            prof = profile_model(self.ctx.model_fn(Plan()), shape, optimizer=hp.optimizer,
+                                 momentum=hp.momentum, timing=True)
+            self._full_step_seconds = prof.step_seconds
+            if self.plans == "full":
+                self._table = [full_choice(prof, estimate_fn=self.ctx.peak_fn, margin=self.margin)]
+            else:
+                self._table = frontier(prof, estimate_fn=self.ctx.peak_fn,
+                                       levels=s.plan_levels, margin=self.margin,
+                                       bits=s.bits, min_bits=s.min_bits, mixed=s.mixed,
+                                       recompute=s.recompute)
+        return self._table
+
+    def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
+        if self.plans == "full" and self.settings.baseline_memory == "unaware":
+            choice = self.table()[0]  # memory-unaware baseline: full training, whatever the budget
+        else:
+            choice = pick(self.table(), client.budget_bytes, self.margin)
+        self._choices[client.id] = choice
+        self._speeds[client.id] = client.speed
+        return None if choice is None else choice.plan
+
+    # -- selection ------------------------------------------------------------------------------
+    def _steps(self, client: ClientInfo) -> int:
+        hp = self.ctx.hparams
+        bs = max(2, min(hp.batch_size, client.num_samples))
+        steps = hp.local_epochs * max(1, math.ceil(client.num_samples / bs))
+        return min(steps, hp.max_steps) if hp.max_steps else steps
+
+    def predicted_seconds(self, client: ClientInfo) -> float:
+        """Round time on the client's device under its plan: compute + transfer."""
+        choice = self._choices.get(client.id)
+        step = choice.step_seconds + choice.added_seconds if choice else self._full_step_seconds
+        return self._steps(client) * step / client.speed + self._transfer
+
+    def select(self, round: int, candidates: list[ClientInfo], k: int,
+               rng: np.random.Generator) -> list[ClientInfo]:
+        cands = [Candidate(id=c.id, num_samples=c.num_samples, speed=c.speed,
+                           seconds=self.predicted_seconds(c),
+                           mem_stat=min(1.0, c.budget_bytes / max(1, self.full_peak)))
+                 for c in candidates]
+        ids = set(self.selector.select(round, cands, k, rng))
+        chosen = [c for c in candidates if c.id in ids]
+        self._report = {
+            "selection": self.selector.name, "eligible": len(candidates),
+            "epsilon": float(f"{self.selector.epsilon(round):.4f}"),
+            "clients": {str(c.id): self._client_report(c) for c in chosen},
+        }
+        return chosen
+
+    def _client_report(self, c: ClientInfo) -> dict[str, Any]:
+        choice = self._choices.get(c.id)
+        if choice is None:
+            return {}
+        return {"plan": choice.plan.to_json(), "predicted_peak_bytes": choice.predicted_peak_bytes,
+                "step_time_ratio": round(choice.step_time_ratio, 4),
+                "predicted_seconds": round(self.predicted_seconds(c), 4),
+                "budget_bytes": c.budget_bytes}
+
+    def instruction(self, round: int, client: ClientInfo, plan: Plan,
+                    global_params: dict[str, torch.Tensor]) -> Instruction:
+        ins = super().instruction(round, client, plan, global_params)
+        if self.prox_mu != ins.hparams.prox_mu:
+            ins.hparams = replace(ins.hparams, prox_mu=self.prox_mu)
+        return ins
+
+    # -- aggregation and feedback ---------------------------------------------------------------
+    def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
+                        results: list[Result]) -> dict[str, torch.Tensor]:
+        for r in results:
+            speed = self._speeds.get(r.client_id, 1.0)
+            self.selector.update(round, r.client_id, r.sample_losses, r.num_samples,
+                                 duration=r.compute_seconds / speed + self._transfer)
+        return super().aggregate_train(round, global_params, results)
+
+    def round_report(self, round: int) -> dict[str, Any]:
+        return dict(self._report)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The plan table is saved too: it is solved from timings measured when the server starts,
+        # so a resumed run re-solving it could pick other (equally valid) plans and diverge.
+        table = None if self._table is None else {
+            "plans": [c.to_json() for c in self._table], "full_step_seconds": self._full_step_seconds}
+        return {"selector": self.selector.state_dict(), "table": table}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("selector"):
+            self.selector.load_state_dict(state["selector"])
+        if state.get("table"):
+            self._table = [PlanChoice.from_json(c) for c in state["table"]["plans"]]
+            self._full_step_seconds = float(state["table"]["full_step_seconds"])
+
+
+class RandomBaseline(FedHybrid):
+    """Random selection, full-model training only (the paper's ``random`` baseline)."""
+
+    name = "random"
+    selection = "random"
+    plans = "full"
+
+
+class OortBaseline(FedHybrid):
+    """Oort selection, full-model training only."""
+
+    name = "oort"
+    selection = "oort"
+    plans = "full"
+
+
+class OortFedProx(OortBaseline):
+    """Oort selection + FedProx's proximal term, full-model training only."""
+
+    name = "oort+fedprox"
+    fedprox = True

@@ -1,0 +1,128 @@
+"""The server side of an experiment, built the same way by every runtime: the data, the model
+builder, the federation (partitions, devices, budgets), the strategy and a resumed checkpoint.
+
+The same seeds in the same order on every runtime, so the simulator and the Flower ServerApp
+start from the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from memfl.config import Config
+from memfl.core.protocol import HyperParams, Plan
+from memfl.core.registry import METHOD_SECTIONS, STRATEGIES
+from memfl.core.strategy import ClientInfo, FederationContext, Strategy
+from memfl.data import Dataset, assign_budgets, load_dataset, make_synthetic, partition
+from memfl.memory import estimate
+from memfl.models import build_model
+from memfl.server.checkpoint import Checkpoint
+
+
+@dataclass
+class SimClient:
+    """One simulated client: its data and its device."""
+
+    info: ClientInfo
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int) -> Callable[[Plan], torch.nn.Module]:
+    """plan -> fresh model of the configured architecture (width-scaled for ``width`` plans)."""
+
+    def build(plan: Plan) -> torch.nn.Module:
+        width = config.run.model_width * (plan.width if plan.kind == "width" else 1.0)
+        return build_model(config.run.model, in_channels=input_shape[0], num_classes=num_classes,
+                           image_size=input_shape[-1], width=width)
+
+    return build
+
+
+def load_data(config: Config) -> Dataset:
+    """The configured dataset (``synthetic`` is a small generated set for smoke tests)."""
+    if config.run.dataset == "synthetic":
+        return make_synthetic(num_train=max(2000, 20 * config.run.clients), num_test=500, seed=config.run.seed)
+    return load_dataset(config.run.dataset, config.run.data_dir)
+
+
+def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimClient]:
+    """Partition the data and give every client a device profile and a memory budget."""
+    parts = partition(data.train_y.numpy(), config.run.clients, config.run.partition, seed=config.run.seed)
+    devices = assign_budgets(config.run.budgets, config.run.clients, full_peak_bytes=full_peak, seed=config.run.seed)
+    clients = []
+    for cid, (idx, (device, budget)) in enumerate(zip(parts, devices)):
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        info = ClientInfo(id=cid, num_samples=len(idx), device=device.name, speed=device.speed, budget_bytes=int(budget))
+        clients.append(SimClient(info=info, x=data.train_x[idx_t], y=data.train_y[idx_t]))
+    return clients
+
+
+def hyperparams(config: Config) -> HyperParams:
+    t = config.train
+    return HyperParams(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                       weight_decay=t.weight_decay, optimizer=t.optimizer, prox_mu=t.prox_mu, max_steps=t.max_steps)
+
+
+def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
+                 model_fn: Callable[[Plan], torch.nn.Module]) -> FederationContext:
+    """The strategy's view of the task; predicted peaks are memoised per plan."""
+
+    @lru_cache(maxsize=256)
+    def peak(plan_json: str) -> int:
+        plan = Plan.from_json(json.loads(plan_json))
+        model = model_fn(plan)
+        shape = (config.train.batch_size, *input_shape)
+        return estimate(model, shape, optimizer=config.train.optimizer, plan=plan,
+                        momentum=config.train.momentum, weight_decay=config.train.weight_decay).peak_bytes
+
+    return FederationContext(
+        model_fn=model_fn, input_shape=tuple(input_shape), num_classes=num_classes,
+        hparams=hyperparams(config), per_round=config.run.per_round, seed=config.run.seed,
+        peak_fn=lambda plan: peak(json.dumps(plan.to_json(), sort_keys=True)),
+        rounds=config.run.rounds,
+        settings=config.section(METHOD_SECTIONS[config.run.method]),
+    )
+
+
+@dataclass
+class ServerSetup:
+    """The server side of an experiment, built the same way by both runtimes."""
+
+    model_fn: Callable[[Plan], torch.nn.Module]  # what clients build (wrapped by the strategy)
+    full_peak: int  # estimated full-training peak at the configured batch
+    strategy: Strategy
+    global_model: torch.nn.Module  # the initial global model (on the CPU)
+    params: dict[str, torch.Tensor]  # the global parameters to start the next round from
+    rounds: list[dict[str, Any]]  # rounds already done (from the checkpoint), else []
+
+
+def set_up_server(config: Config, input_shape: tuple[int, ...], num_classes: int,
+                  checkpoint: Checkpoint) -> ServerSetup:
+    """Model builder, initial global model, context and strategy -- same seeds, same order in the
+    simulator and the Flower ServerApp, so both start from the same parameters -- then the
+    parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume."""
+    model_fn = model_builder(config, input_shape, num_classes)
+    torch.manual_seed(config.run.seed)
+    global_model = model_fn(Plan())
+    ctx = make_context(config, input_shape, num_classes, model_fn)
+    full_peak = ctx.peak_fn(Plan())
+    strategy: Strategy = STRATEGIES[config.run.method](ctx)
+    wrapped = strategy.wrap_model_fn(model_fn, ctx)
+    if wrapped is not model_fn:  # the global model holds more than the model (ScaleFL: output modules, heads)
+        model_fn = wrapped
+        torch.manual_seed(config.run.seed)
+        global_model = model_fn(Plan())
+    params = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
+    rounds: list[dict[str, Any]] = []
+    resumed = checkpoint.load(config)
+    if resumed is not None:
+        params, state = resumed
+        rounds = state["rounds"]
+        strategy.load_state_dict(state.get("strategy", {}))
+    return ServerSetup(model_fn, full_peak, strategy, global_model, params, rounds)
