@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memfl.config import Config
-from memfl.core.protocol import Result
+from memfl.core.protocol import Plan, Result
+from memfl.data import Dataset
 from memfl.core.trainer import LocalTrainer, evaluate
 from memfl.methods.fedhybrid.budget import federation_budgets
 from memfl.server.checkpoint import Checkpoint
@@ -34,7 +35,9 @@ from memfl.server.records import summarize
 from memfl.server.setup import build_federation, load_data, set_up_server
 
 
-def run_experiment(config: Config, *, console: Console | None = None, progress: bool = True,
+def run_experiment(config: Config, *, data: Dataset | None = None,
+                   model_fn: Callable[[Plan], torch.nn.Module] | None = None,
+                   console: Console | None = None, progress: bool = True,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; return the results dict.
 
@@ -47,9 +50,9 @@ def run_experiment(config: Config, *, console: Console | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)
 
-    data = load_data(config)
+    data = data if data is not None else load_data(config)
     checkpoint = Checkpoint(out)
-    setup = set_up_server(config, data.input_shape, data.num_classes, checkpoint)
+    setup = set_up_server(config, data.input_shape, data.num_classes, checkpoint, model_fn=model_fn)
     model_fn, full_peak, strategy = setup.model_fn, setup.full_peak, setup.strategy
     params, rounds = setup.params, setup.rounds
     global_model = setup.global_model.to(config.run.device)  # evaluated, loaded with params

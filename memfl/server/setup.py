@@ -103,11 +103,11 @@ class ServerSetup:
 
 
 def set_up_server(config: Config, input_shape: tuple[int, ...], num_classes: int,
-                  checkpoint: Checkpoint) -> ServerSetup:
+                  checkpoint: Checkpoint, *, model_fn: Callable[[Plan], torch.nn.Module] | None = None) -> ServerSetup:
     """Model builder, initial global model, context and strategy -- same seeds, same order in the
     simulator and the Flower ServerApp, so both start from the same parameters -- then the
     parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume."""
-    model_fn = model_builder(config, input_shape, num_classes)
+    model_fn = model_fn or model_builder(config, input_shape, num_classes)
     torch.manual_seed(config.run.seed)
     global_model = model_fn(Plan())
     ctx = make_context(config, input_shape, num_classes, model_fn)
