@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install data demo test test-all bench clean
+.PHONY: install data demo lint test test-all bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "memfl needs Python >= 3.11"'
@@ -24,18 +24,28 @@ data: $(STAMP)
 demo: install data
 	$(BIN)/memfl run --config configs/demo.toml
 
-## test: the fast test suite (what CI runs)
-test: install
+# pytest-xdist on the 2 cores; loadfile keeps each test file on one worker, so module-scoped
+# fixtures (tests/test_flower.py's shared SuperLink) start once
+XDIST ?= -n 2 --dist loadfile
+
+## lint: import-linter layer contracts ([tool.importlinter]), ruff lint and format check of the project ([tool.ruff])
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+
+## test: lint + the fast test suite, on 2 workers (what CI runs)
+test: lint
 	-@bash scripts/get-data.sh $(BIN)/python --quiet
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q $(XDIST)
 
 ## test-all: every test, the slow ones too
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 ## bench: every benchmark, results under results/bench
 bench: install data
 	for b in memory overhead fedavg scalefl hybrid flower; do $(BIN)/memfl bench $$b --out results/bench || exit 1; done
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache .ruff_cache .import_linter_cache

@@ -29,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 import memfl.methods  # noqa: F401  -- every shipped method registers its strategy and config section
 from memfl.core.config import ConfigError, Section
@@ -80,20 +80,43 @@ class RunConfig(Section):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
+        from memfl.data.user import import_object
         from memfl.models import MODEL_NAMES
 
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(MODEL_NAMES)}")
+        if ":" in v:  # "package.module:function", a user model builder
+            import_object(v, "run.model")
+            return v
+        if v not in MODEL_NAMES and v != "custom":
+            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(MODEL_NAMES)}, "
+                             f"or 'package.module:function' (a model builder)")
         return v
 
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
         from memfl.data import DATASETS
+        from memfl.data.user import import_object
 
-        if v not in DATASETS and v != "synthetic":
-            raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}")
+        if ":" in v:  # "package.module:function" returning (train, test) or a Dataset
+            import_object(v, "run.dataset")
+            return v
+        if v not in DATASETS and v not in ("synthetic", "custom"):
+            raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}, "
+                             f"synthetic, or 'package.module:function' (returning the data)")
         return v
+
+    @model_validator(mode="after")
+    def _width_builder(self) -> "RunConfig":
+        """HeteroFL builds width-scaled sub-models: a user builder must take ``width``."""
+        if self.method == "heterofl" and ":" in self.model:
+            from memfl.data.user import import_object
+            from memfl.models.user import accepts_width
+
+            if not accepts_width(import_object(self.model, "run.model")):
+                raise ValueError(f"run.model {self.model!r} takes no `width` keyword, which method "
+                                 f"heterofl needs to build width-scaled sub-models; add a "
+                                 f"`width=1.0` parameter that scales the hidden sizes")
+        return self
 
 
 class TrainConfig(Section):

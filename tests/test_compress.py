@@ -158,6 +158,7 @@ def _deep_net(layers=8, width=16):
     return nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(width, 10))
 
 
+@pytest.mark.slow
 def test_measured_memory_of_a_compressed_step_drops_as_the_bits_say():
     """Real peak RSS (fresh subprocesses) of full training and of every segment at 8/4/2 bits: the
     drop against full training matches what the bits say (float32 -> packed bytes)."""
@@ -216,3 +217,84 @@ def test_training_with_4bit_activations_converges():
     q4 = train(Plan(kind="hybrid", segments={n: "q4" for n in names}))
     assert q4[1] < 0.3 * q4[0]  # the loss falls
     assert q4[2] > 0.9 and q4[2] > full[2] - 0.05  # and it learns the task like full training
+
+
+# ------------------------------------------------------------------- users' own models (memfl.run)
+
+class _MeanPool(nn.Module):
+    def forward(self, h):
+        return h.mean(dim=1)
+
+
+class _TokenNet(nn.Module):  # not an nn.Sequential: its forward is its children in order
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix, self.act, self.pool, self.fc = (nn.Embedding(30, 16), nn.Linear(16, 16), nn.ReLU(),
+                                                            _MeanPool(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.mix(self.emb(x)))))
+
+
+def _user_models():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 3))
+    return {"mlp": (mlp, torch.randn(8, 12, generator=g)),
+            "tokens": (_TokenNet(), torch.randint(0, 30, (8, 7), generator=g)),
+            "cnn": (cnn, torch.randn(8, 1, 20, 36, generator=g))}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "tokens", "cnn"])
+def test_user_models_are_profiled_and_trained_segment_by_segment(kind):
+    from memfl.core.protocol import Plan
+    from memfl.methods.fedhybrid.profile import plan_memory
+
+    model, x = _user_models()[kind]
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    names = [n for n, _ in segments_of(model)]
+    assert names == [n for n, _ in model.named_children()]
+    prof = profile_model(model, tuple(x.shape), timing=False)
+    assert [s.name for s in prof.segments] == names
+    weighted = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+    plans = {"keep": {}, "recompute": {weighted[0]: "recompute"},
+             "q4": {weighted[1] if kind != "tokens" else "mix": "q4"}}
+    ref = None
+    for label, segments in plans.items():
+        assert plan_memory(prof, segments)["peak_bytes"] > 0
+        m = copy.deepcopy(model)
+        step = prepare_hybrid(m, Plan(kind="hybrid", segments=segments))
+        assert step.trainable_names() == [n for n, _ in m.named_parameters()]
+        with step.saved_tensors():
+            loss, _ = step.loss(x, y)
+            loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+        assert torch.isfinite(grads).all() and grads.abs().sum() > 0
+        if ref is None:
+            ref = grads
+        elif label == "recompute":
+            assert torch.allclose(grads, ref, atol=1e-6)  # recomputing changes nothing
+
+
+def test_a_user_model_whose_forward_is_not_its_children_is_refused():
+    from memfl.core.protocol import Plan
+    from memfl.methods.fedhybrid.profile import PartitionError
+
+    class Inline(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(30, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    x = torch.randint(0, 30, (4, 7))
+    with pytest.raises(PartitionError, match="not its children"):
+        profile_model(Inline(), tuple(x.shape), timing=False)
+    with pytest.raises(PartitionError, match="not its children"):
+        prepare_hybrid(Inline(), Plan(kind="hybrid", segments={})).forward(x)
+    with pytest.raises(PartitionError, match="no child modules"):
+        segments_of(nn.Linear(3, 3))

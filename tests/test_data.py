@@ -564,3 +564,23 @@ def test_parse_partition():
     assert parse_partition("classes:2") == ("classes", 2)
     with pytest.raises(ValueError):
         parse_partition(None)  # type: ignore[arg-type]
+
+
+def test_user_dataset_any_shape_and_checks():
+    import torch
+
+    from memfl.data import DataError, Dataset, as_dataset
+
+    x = torch.randn(10, 3, 5, 7)  # non-square images
+    ds = as_dataset((x[:8], torch.arange(8) % 3), (x[8:], torch.tensor([0, 1])))
+    assert ds.input_shape == (3, 5, 7) and ds.num_classes == 3 and ds.example is None
+    tok = as_dataset((torch.randint(0, 9, (6, 4)), torch.zeros(6, dtype=torch.int32)),
+                     (torch.randint(0, 9, (2, 4)), torch.ones(2, dtype=torch.int32)))
+    assert tok.input_shape == (4,) and tok.train_y.dtype == torch.long and tok.example is not None
+    with pytest.raises(DataError, match="integer"):
+        as_dataset((x, torch.zeros(10)), (x, torch.zeros(10)))
+    with pytest.raises(DataError, match="inputs but"):
+        as_dataset((x, torch.zeros(9, dtype=torch.long)), (x, torch.zeros(10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="at least 2"):
+        Dataset("d", torch.randn(4), torch.zeros(4, dtype=torch.long), torch.randn(4),
+                torch.zeros(4, dtype=torch.long), 2, "test")

@@ -83,3 +83,24 @@ def test_clients_get_sliced_tensors_train_them_and_the_server_merges_them():
     assert torch.allclose(w[c8:c4], (results[0].params["blocks.0.layer.conv.weight"][c8:c4]
                                      + results[1].params["blocks.0.layer.conv.weight"][c8:c4]) / 2, atol=1e-6)
     assert torch.allclose(w[c4:], results[0].params["blocks.0.layer.conv.weight"][c4:])
+
+
+def test_hooks_return_what_they_compute_and_select_is_handed_the_plans():
+    """plan_for is pure (same answer twice, nothing recorded); configure_train hands select the
+    plans plan_for gave the eligible clients, and instructs each chosen client with its own."""
+    seen = {}
+
+    class Spy(HeteroFL):
+        def select(self, round, candidates, k, rng, plans):
+            seen.update(plans)
+            return super().select(round, candidates, k, rng, plans)
+
+    strat = Spy(make_ctx())
+    pool = [ClientInfo(id=i, num_samples=10, device="x", speed=1.0, budget_bytes=b)
+            for i, b in enumerate([1000, 450, 50])]
+    before = dict(vars(strat))
+    assert [strat.plan_for(c, 1) for c in pool] == [strat.plan_for(c, 1) for c in pool]
+    assert vars(strat).keys() == before.keys()
+    ins = strat.configure_train(1, model_fn(Plan()).state_dict(), pool)
+    assert seen == {0: Plan(), 1: Plan(kind="width", width=0.5)}  # client 2 fits no width: not a candidate
+    assert {i.client_id: i.plan for i in ins} == seen

@@ -200,3 +200,34 @@ def test_measure_times_out_and_kills_the_child() -> None:
     with pytest.raises(TimeoutError):
         measure(sleeping_model, (4, 3, 8, 8), steps=1, timeout=4)
     assert time.monotonic() - start < 30
+
+
+def test_integer_inputs_example_and_embedding():
+    import torch
+    from torch import nn
+
+    from memfl.memory import InputSpec, estimate, input_spec
+
+    emb = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(5 * 8, 3))
+    assert input_spec(emb) == InputSpec("int", torch.long, 0, 30)
+    assert estimate(emb, (8, 5)).peak_bytes > 0
+    ids = torch.randint(0, 30, (4, 5))
+    assert input_spec(None, ids).kind == "int" and input_spec(None, ids).high <= 30
+    assert estimate(emb, (8, 5), example=ids).peak_bytes > 0
+    assert input_spec(nn.Linear(3, 2)) == InputSpec()  # images / features: the default
+
+
+def test_measure_unguarded_script_message(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import torch\nfrom memfl.memory import measure\n"
+        "def make():\n    return torch.nn.Linear(4, 2)\n"
+        "try:\n    measure(make, (2, 4), steps=1, timeout=120)\n"
+        "except Exception as err:\n    print('ERR', err)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**__import__('os').environ, "OMP_NUM_THREADS": "1"})
+    assert "__name__ == \"__main__\"" in out.stdout, out.stdout + out.stderr
+    assert "re-imports the main script" in out.stdout

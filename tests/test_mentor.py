@@ -130,3 +130,30 @@ def test_mentor_loss_pushes_the_right_way():
     assert float(nhsic(x, z2)) < float(nhsic(x, z.detach()))
     assert float(nhsic(y, p2)) > float(nhsic(y, p.detach()))
     assert float(mentor_loss(x, z, y, p, 0.0, 0.0)) == 0.0
+
+
+def test_training_adds_exactly_the_mentor_loss(monkeypatch):
+    """The stage engine's extra loss is mentor_terms' loss (the function the tests above check)."""
+    import memfl.methods.scalefl.engine as engine
+    from memfl.core.engine import prepare
+    from memfl.core.protocol import Plan
+    from memfl.methods.scalefl import ScaleFLModel
+    from memfl.models import build_model
+
+    calls = []
+    real = engine.mentor_terms
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        x, z, yh, p, beta_t, gamma_t, sigma = args
+        assert torch.equal(calls[-1].loss, mentor_loss(x, z, yh, p, beta_t, gamma_t, sigma))
+        return calls[-1]
+
+    monkeypatch.setattr(engine, "mentor_terms", spy)
+    torch.manual_seed(0)
+    sm = ScaleFLModel(build_model("cnn", width=0.25), 4)
+    step = prepare(sm, Plan(kind="stage", stage=4, options={"beta": [0.2, 0.2], "gamma": [0.3, 0.3]}))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss, per_sample = step.loss(x, y)
+    assert len(calls) == 1 and calls[0].nhsic_xz is not None and calls[0].nhsic_yp is not None
+    assert torch.allclose(loss, per_sample.mean() + calls[0].loss)

@@ -132,6 +132,7 @@ def _deep_net(layers=6, width=16):
     return nn.Sequential(*mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(width, 10))
 
 
+@pytest.mark.slow
 def test_plan_measured_peak_fits_its_budget():
     """Plan for 60% of the full-training peak on a small model; the real peak (fresh subprocess)
     fits the budget."""

@@ -308,3 +308,105 @@ def test_registered_everywhere():
     assert STRATEGIES["scalefl"] is ScaleFL and "stage" in ENGINES and "width" in ENGINES
     fn = scalefl_model_fn(cnn, 4)
     assert isinstance(fn(Plan()), ScaleFLModel)
+
+
+# ------------------------------------------------------------------- users' own models (memfl.run)
+
+class MeanPool(nn.Module):
+    def forward(self, h):
+        return h.mean(dim=1)
+
+
+def user_mlp(features=12, classes=3):
+    return nn.Sequential(nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes))
+
+
+def user_tokens(vocab=30, classes=3):  # (N, T) int64 -> Embedding -> token layer -> mean pool -> Linear
+    return nn.Sequential(nn.Embedding(vocab, 16), nn.Linear(16, 16), nn.ReLU(), MeanPool(), nn.Linear(16, classes))
+
+
+def user_cnn(classes=3):  # non-square 1x20x36 images
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, classes))
+
+
+USER_MODELS = {  # name: (factory, one sample's shape, blocks, batch)
+    "mlp": (user_mlp, (12,), 2, lambda g: torch.randn(8, 12, generator=g)),
+    "tokens": (user_tokens, (7,), 2, lambda g: torch.randint(0, 30, (8, 7), generator=g)),
+    "cnn": (user_cnn, (1, 20, 36), 3, lambda g: torch.randn(8, 1, 20, 36, generator=g)),
+}
+
+
+@pytest.mark.parametrize("harmonizer", [True, False])
+@pytest.mark.parametrize("kind", sorted(USER_MODELS))
+def test_user_models_train_every_stage_with_a_frozen_prefix(kind, harmonizer):
+    factory, shape, blocks, batch = USER_MODELS[kind]
+    torch.manual_seed(0)
+    sm = ScaleFLModel(factory(), blocks, input_shape=shape)
+    g = torch.Generator().manual_seed(1)
+    x, y = batch(g), torch.randint(0, 3, (8,), generator=g)
+    assert sm.blocks_count == blocks and sm(x).shape == (8, 3)
+    for t in range(1, blocks + 1):
+        sm.zero_grad(set_to_none=True)
+        sm.train()
+        step = prepare(sm, stage_plan(t, blocks=blocks, harmonizer=harmonizer))
+        names = set(step.trainable_names())
+        block_t = {k for k, _ in sm.named_parameters() if sm.partition.block_of(k) == t}
+        assert block_t <= names
+        assert ({k for k in names if k.startswith("exits.")} == {k for k, _ in sm.named_parameters()
+                                                                 if k.startswith(f"exits.{t}.")})
+        harmonized = step.metrics()["harmonized"]
+        assert bool(harmonized) == (harmonizer and t > 1)  # every block here ends in a weighted layer
+        loss, per_sample = step.loss(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and per_sample.shape == (8,)
+        for k, p in sm.named_parameters():
+            if k in names:
+                assert p.grad is not None, k
+            else:
+                assert p.grad is None, k  # the frozen prefix (and everything else) gets no gradient
+        frozen = {k for k, _ in sm.named_parameters() if (sm.partition.block_of(k) or blocks + 1) < t}
+        assert frozen - names == {k for k in frozen if not any(k.startswith(b + ".") for b in harmonized)}
+        if t > 1 and not harmonizer:
+            assert frozen and not frozen & names  # the whole prefix stays frozen
+        assert step.metrics()["nhsic_yz"] >= 0
+
+
+def test_a_user_model_trains_through_the_strategy_and_local_trainer():
+    ctx = FederationContext(model_fn=lambda plan: user_mlp(), input_shape=(12,), num_classes=3,
+                            hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=2, seed=0,
+                            peak_fn=lambda plan: 100, rounds=4, settings=ScaleFLConfig(blocks=2, r_min=1, r_max=1))
+    strat = ScaleFL(ctx)
+    model_fn = strat.wrap_model_fn(ctx.model_fn, ctx)
+    params = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
+    pool = [ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=1000) for i in range(2)]
+    for rnd in (1, 2):
+        ins = strat.configure_train(rnd, params, pool)
+        assert ins and all(i.plan.stage == rnd and i.plan.options["input_shape"] == [12] for i in ins)
+        g = torch.Generator().manual_seed(rnd)
+        results = [LocalTrainer(model_fn).fit(i, torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g))
+                   for i in ins]
+        assert all(set(r.params) >= set(i.trainable) for r, i in zip(results, ins))
+        params = strat.aggregate_train(rnd, params, results)
+    assert int(params["exit_stage"]) == 2
+
+
+def test_user_models_that_cannot_be_cut_are_refused_with_the_reason():
+    class InlinePool(nn.Module):  # the pooling is not a child: its forward is not its children in order
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(30, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    with pytest.raises(PartitionError, match="not its units in order"):
+        ScaleFLModel(InlinePool(), 1, input_shape=(7,))
+    tiny = nn.Sequential(nn.Embedding(30, 16), MeanPool(), nn.Linear(16, 3))
+    with pytest.raises(PartitionError, match="only 1 units with parameters"):
+        ScaleFLModel(tiny, 2, input_shape=(7,))
+    assert ScaleFLModel(tiny, 1, input_shape=(7,))(torch.randint(0, 30, (4, 7))).shape == (4, 3)
+    with pytest.raises(PartitionError, match="needs input_shape"):
+        ScaleFLModel(user_mlp(), 2)

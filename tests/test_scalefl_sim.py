@@ -55,6 +55,7 @@ def test_scalefl_runs_every_stage_within_budgets_and_records_it(scalefl_config):
     assert data["rounds"][0]["clients"][0]["metrics"]["stage"] == 1
 
 
+@pytest.mark.slow
 def test_scalefl_killed_run_resumes_identically(scalefl_config, tmp_path):
     full = run_experiment(scalefl_config(out=str(tmp_path / "full")), progress=False)
 

@@ -85,7 +85,9 @@ def _levels(cfg, levels=4):
     return build_config(data)
 
 
-@pytest.mark.parametrize("method", ["fedhybrid", "random", "oort", "oort+fedprox"])
+@pytest.mark.parametrize("method", [pytest.param("fedhybrid", marks=pytest.mark.slow),
+                                    pytest.param("random", marks=pytest.mark.slow), "oort",
+                                    pytest.param("oort+fedprox", marks=pytest.mark.slow)])
 def test_strategies_run_end_to_end(small_config, method):
     from memfl.runtime.sim import run_experiment
 
@@ -130,6 +132,7 @@ def test_oort_fedprox_sends_a_proximal_term(small_config):
     assert ins and all(i.hparams.prox_mu == pytest.approx(0.01) for i in ins)
 
 
+@pytest.mark.slow
 def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path, monkeypatch):
     """The plan table is solved from timings measured at start: a resumed run must reuse the saved
     table (not re-profile, which could pick other plans) and end exactly like an uninterrupted one."""
@@ -175,3 +178,38 @@ def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path
     a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedhybrid_hooks_pass_plans_explicitly():
+    """plan_for returns the table's plan and records nothing; select weighs each candidate's time
+    under the plan it is handed; the round report describes the chosen clients' plans."""
+    from memfl.core.protocol import HyperParams, Plan
+    from memfl.core.strategy import ClientInfo, FederationContext
+    from memfl.methods.fedhybrid.planner import PlanChoice
+    from memfl.methods.fedhybrid.strategy import FedHybrid
+    from memfl.models import build_model
+
+    ctx = FederationContext(model_fn=lambda plan: build_model("cnn", width=0.25), input_shape=(1, 28, 28),
+                            num_classes=10, hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=1,
+                            seed=0, peak_fn=lambda plan: 100 << 20)
+    strat = FedHybrid(ctx)
+    hybrid = Plan(kind="hybrid", segments={"blocks.0.layer": "recompute"})
+    strat._table = [PlanChoice(plan=Plan(), modes={}, predicted_peak_bytes=100 << 20, model_peak_bytes=0,
+                               added_seconds=0.0, step_seconds=0.1, budget_bytes=0),
+                    PlanChoice(plan=hybrid, modes={}, predicted_peak_bytes=50 << 20, model_peak_bytes=0,
+                               added_seconds=0.5, step_seconds=0.1, budget_bytes=0)]
+    strat._full_step_seconds = 0.1
+    pool = [ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=b << 20)
+            for i, b in enumerate([200, 80, 10])]
+    before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(strat).items()}
+    assert [strat.plan_for(c, 1) for c in pool] == [Plan(), hybrid, None]
+    assert {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(strat).items()} == before
+    fast = strat.predicted_seconds(pool[0], strat._table[0])
+    slow = strat.predicted_seconds(pool[0], strat._table[1])
+    assert slow > fast
+    chosen = strat.select(1, pool[:2], 2, np.random.default_rng(0), {0: Plan(), 1: hybrid})
+    assert [c.id for c in chosen] == [0, 1]
+    ins = strat.configure_train(1, ctx.model_fn(Plan()).state_dict(), pool)
+    report = strat.round_report(1)
+    assert report["eligible"] == 2 and len(ins) == 1
+    assert report["clients"][str(ins[0].client_id)]["plan"] == ins[0].plan.to_json()

@@ -147,3 +147,44 @@ def test_a_finished_run_can_be_extended_but_not_shrunk(small_config, tmp_path):
     assert [r["round"] for r in longer["rounds"]] == [1, 2]
     with pytest.raises(ConfigError, match="already holds 2 rounds"):
         run_experiment(small_config(rounds=1, out=out), progress=False)
+
+
+def test_the_round_loop_drives_any_executor(small_config):
+    """The shared loop (memfl.server.loop) with an executor that is not the simulator's: every
+    record has the same fields, runtime extras are added, a failed outcome is left out."""
+    from pathlib import Path
+
+    from memfl.core.trainer import LocalTrainer as Trainer
+    from memfl.runtime.sim import InProcessExecutor
+    from memfl.server.checkpoint import Checkpoint
+    from memfl.server.executor import Outcome
+    from memfl.server.loop import run_rounds
+    from memfl.server.progress import LogReporter
+    from memfl.server.setup import build_federation, load_data, set_up_server
+
+    cfg = small_config(rounds=1, per_round=4)
+    data = load_data(cfg)
+    Path(cfg.run.out).mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(Path(cfg.run.out))
+    setup = set_up_server(cfg, data.input_shape, data.num_classes, checkpoint)
+
+    class Remote(InProcessExecutor):
+        runtime = "remote"
+
+        def run(self, round, instructions):
+            outs = super().run(round, instructions)
+            outs[0] = Outcome(outs[0].client_id, "failed", error="link down", where="host a")
+            for o in outs:
+                o.extra["host"] = "a"
+            return outs
+
+    lines = []
+    ex = Remote(build_federation(cfg, data, setup.full_peak), Trainer(setup.model_fn), None)
+    res = run_rounds(cfg, setup, checkpoint, ex, test=data, reporter=LogReporter(lines.append))
+    recs = res["rounds"][0]["clients"]
+    assert res["runtime"] == "remote" and len(recs) == 4
+    assert recs[0]["status"] == "failed" and recs[0]["error"] == "link down"
+    assert any("(host a) failed: link down" in line for line in lines)
+    assert all(r["host"] == "a" and r["predicted_budget_bytes"] == r["budget_bytes"] for r in recs)
+    assert "real_budget_bytes" not in recs[0] and res["summary"]["failed_clients"] == 1
+    assert res["rounds"][0]["accuracy"] is not None and "run_seconds" in res["rounds"][0]["timing"]

@@ -20,7 +20,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     factory = model_factory(args.model, shape, args.classes)
     input_shape = (args.batch, *shape)
     plan = parse_plan(args.plan, model_fn=factory, input_shape=input_shape, optimizer=args.optimizer)
-    if plan.kind == "stage":  # a stage-t client holds blocks 1..t only (memfl.methods.scalefl.stage)
+    if plan.kind == "stage":  # a stage-t client holds blocks 1..t only (memfl.methods.scalefl.model)
         from memfl.methods.scalefl import stage_client_factory
 
         factory = stage_client_factory(factory, plan.stage)

@@ -14,10 +14,14 @@ def fedavg(global_params: dict[str, torch.Tensor], results: list[Result]) -> dic
     the clients that trained it and kept as it was when nobody did. Floating tensors (parameters,
     BN running statistics) are weighted by ``num_samples``; integer buffers (BN's
     ``num_batches_tracked``) take the maximum. Returns a new dict; inputs are not modified.
+
+    The sums run in client-id order whatever the order of ``results`` (the order replies arrived
+    in, on Flower), so both runtimes add the same terms in the same order: float64 accumulation
+    makes the order matter rarely, but a fixed one makes the result exactly reproducible.
     """
     new = dict(global_params)
     names: dict[str, list[Result]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: r.client_id):
         for k in r.params:
             if k not in global_params:
                 raise KeyError(f"client {r.client_id} sent unknown tensor {k!r}")

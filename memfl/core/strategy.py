@@ -10,7 +10,7 @@ simulator and the Flower ServerApp) call exactly these two methods.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -63,8 +63,11 @@ class FederationContext:
 class Strategy:
     """FedAvg: every client may train the full model; budgets are ignored (the upper bound).
 
-    Subclasses override :meth:`plan_for` (eligibility and plan per client), :meth:`select`
-    (client selection) and/or :meth:`aggregate_train`.
+    Subclasses override the hooks :meth:`plan_for` (eligibility and plan per client), :meth:`select`
+    (client selection), :meth:`trainable_for`, :meth:`wrap_model_fn` and/or the runtime calls. A
+    hook returns what it computes and keeps no state for another hook to read: what :meth:`select`
+    needs of the plans is handed to it (the ``plans`` :meth:`configure_train` got from
+    :meth:`plan_for`).
     """
 
     name = "fedavg"
@@ -76,12 +79,16 @@ class Strategy:
 
     # -- hooks -------------------------------------------------------------------------------
     def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
-        """The plan ``client`` would train with this round, or None if it cannot take part."""
+        """The plan ``client`` would train with this round, or None if it cannot take part.
+        Pure: the same (client, round) gives the same plan, and nothing is recorded."""
         return Plan()
 
     def select(self, round: int, candidates: list[ClientInfo], k: int,
-               rng: np.random.Generator) -> list[ClientInfo]:
-        """Pick ``k`` of the eligible ``candidates`` (uniformly at random here)."""
+               rng: np.random.Generator, plans: Mapping[int, Plan]) -> list[ClientInfo]:
+        """Pick ``k`` of the eligible ``candidates`` (uniformly at random here).
+
+        plans: client id -> the plan :meth:`plan_for` gave each candidate (a selector that weighs
+        a client's cost under its plan reads it here)."""
         if len(candidates) <= k:
             return list(candidates)
         idx = rng.choice(len(candidates), size=k, replace=False)
@@ -103,10 +110,7 @@ class Strategy:
     def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
                         clients: list[ClientInfo]) -> list[Instruction]:
         """One instruction per selected client for ``round`` (1-based)."""
-        rng = np.random.default_rng([self.ctx.seed, round])
-        plans = {c.id: self.plan_for(c, round) for c in clients}
-        candidates = [c for c in clients if plans[c.id] is not None]
-        chosen = self.select(round, candidates, self.ctx.per_round, rng)
+        plans, chosen = self.plan_and_select(round, clients)
         return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
     def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
@@ -115,6 +119,17 @@ class Strategy:
         return fedavg(global_params, results) if results else dict(global_params)
 
     # -- helpers -----------------------------------------------------------------------------
+    def plan_and_select(self, round: int,
+                        clients: list[ClientInfo]) -> tuple[dict[int, Plan | None], list[ClientInfo]]:
+        """(client id -> :meth:`plan_for`'s plan or None, the clients :meth:`select` chose among
+        those with a plan); the selection's generator is seeded by (seed, round)."""
+        rng = np.random.default_rng([self.ctx.seed, round])
+        plans = {c.id: self.plan_for(c, round) for c in clients}
+        candidates = [c for c in clients if plans[c.id] is not None]
+        chosen = self.select(round, candidates, self.ctx.per_round, rng,
+                             {c.id: plans[c.id] for c in candidates})
+        return plans, chosen
+
     def instruction(self, round: int, client: ClientInfo, plan: Plan,
                     global_params: dict[str, torch.Tensor]) -> Instruction:
         return Instruction(

@@ -135,8 +135,12 @@ _SPECS: dict[str, _Spec] = {
 class Dataset:
     """A train/test split held in memory.
 
-    train_x, test_x: float32 (N, C, H, W), normalised with ``mean``/``std`` (per channel).
-    train_y, test_y: int64 (N,) class indices in ``[0, num_classes)``.
+    train_x, test_x: the inputs, ``(N, ...)``: any shape of at least 2 dimensions and any dtype,
+                     the same per-sample shape and dtype in both splits. The shipped loaders give
+                     float32 ``(N, C, H, W)`` images normalised with ``mean``/``std`` (per
+                     channel); user data (:func:`memfl.data.user.as_dataset`) may be feature
+                     vectors ``(N, F)``, non-square images, int64 token ids ``(N, T)``...
+    train_y, test_y: integer (N,) class indices in ``[0, num_classes)`` (int64 from the loaders).
     source:          the folder the files came from (or a description, for synthetic data).
     mean, std:       the per-channel statistics used to normalise (raw pixel values in [0, 1]);
                      empty for synthetic data.
@@ -154,18 +158,31 @@ class Dataset:
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if x.dim() != 4:
-                raise ValueError(f"{self.name}: {split}_x must be (N, C, H, W), got shape {tuple(x.shape)}")
+            if x.dim() < 2:
+                raise ValueError(f"{self.name}: {split}_x must be (N, ...) with at least 2 dimensions "
+                                 f"(one sample per row), got shape {tuple(x.shape)}")
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"{self.name}: {split}_y has shape {tuple(y.shape)} for {x.shape[0]} images")
+                raise ValueError(f"{self.name}: {split}_y has shape {tuple(y.shape)} for {x.shape[0]} inputs")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(f"{self.name}: {split}_y must hold integer class indices, got {y.dtype}")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(f"{self.name}: train and test images differ in shape")
+            raise ValueError(f"{self.name}: train and test inputs differ in shape "
+                             f"({tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])})")
+        if self.train_x.dtype != self.test_x.dtype:
+            raise ValueError(f"{self.name}: train and test inputs differ in dtype "
+                             f"({self.train_x.dtype} vs {self.test_x.dtype})")
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        c, h, w = self.train_x.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input: ``(C, H, W)`` for the shipped image sets, ``(F,)``, ``(T,)``..."""
+        return tuple(int(s) for s in self.train_x.shape[1:])
+
+    @property
+    def example(self) -> torch.Tensor | None:
+        """What memory estimates should draw inputs like (:mod:`memfl.memory.inputs`): None for
+        floating inputs (the default, standard normal), else the training inputs themselves
+        (integer ids: their value range is used)."""
+        return None if self.train_x.is_floating_point() else self.train_x
 
     @property
     def num_train(self) -> int:

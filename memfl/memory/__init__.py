@@ -13,7 +13,8 @@ the measurement counts.
 """
 
 from memfl.memory.estimate import RUNTIME_OVERHEAD_BYTES, MemoryEstimate, estimate, tensor_bytes
+from memfl.memory.inputs import InputSpec, input_spec, random_input
 from memfl.memory.measure import MeasurementError, MemoryMeasurement, measure
 
-__all__ = ["RUNTIME_OVERHEAD_BYTES", "MeasurementError", "MemoryEstimate", "MemoryMeasurement",
-           "estimate", "measure", "tensor_bytes"]
+__all__ = ["RUNTIME_OVERHEAD_BYTES", "InputSpec", "MeasurementError", "MemoryEstimate", "MemoryMeasurement",
+           "estimate", "input_spec", "measure", "random_input", "tensor_bytes"]

@@ -101,6 +101,7 @@ from torch import nn
 
 from memfl.core.engine import TrainStep, prepare
 from memfl.core.protocol import Plan
+from memfl.memory.inputs import InputSpec, input_spec, random_input
 
 MiB = 2**20
 #: Runtime state the training steps create that is not a tensor (see the module docstring).
@@ -382,11 +383,12 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def _profile_pass(step: TrainStep, exclude: set[Any], input_shape: tuple[int, ...], batch: int,
-                  num_classes: int, dtype: torch.dtype, use_profiler: bool = True) -> _Pass:
+                  num_classes: int, dtype: torch.dtype, use_profiler: bool = True,
+                  spec: InputSpec = InputSpec()) -> _Pass:
     """One forward (counting saved tensors) + backward at ``batch``, under the memory profiler."""
     from torch.autograd.profiler import profile, record_function
 
-    x = torch.randn(batch, *input_shape[1:], dtype=dtype)
+    x = random_input((batch, *input_shape[1:]), spec, dtype)
     y = torch.randint(0, num_classes, (batch,))
     counter = _SavedCounter(exclude | {_storage_key(x), _storage_key(y)})
     for _, p in step.trainable:
@@ -467,7 +469,8 @@ def _running_peak(sizes: list[int]) -> tuple[int, int, int]:
 
 def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str = "sgd",
              plan: Plan | None = None, momentum: float = 0.9, weight_decay: float = 0.0,
-             profile_batches: tuple[int, int] = PROFILE_BATCHES) -> MemoryEstimate:
+             profile_batches: tuple[int, int] = PROFILE_BATCHES,
+             example: torch.Tensor | InputSpec | None = None) -> MemoryEstimate:
     """Predict the peak memory of training ``model`` under ``plan`` at ``input_shape``.
 
     input_shape:     the input batch shape including the batch, e.g. ``(32, 1, 28, 28)``.
@@ -476,6 +479,10 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
     weight_decay:    adds the optimizer's weight-decay temporary (one parameter's size).
     profile_batches: the two small batch sizes profiled (requests at or below the larger one are
                      profiled directly at the requested size).
+    example:         what the random input batches look like (:mod:`memfl.memory.inputs`): a tensor
+                     (e.g. a few training inputs; integer ones give ids in their value range) or an
+                     :class:`~memfl.memory.inputs.InputSpec`. Default: standard normal in the
+                     model's dtype, or integer ids when the model starts with an ``nn.Embedding``.
 
     Runs, on a deep copy of the model on the CPU, one no-grad probe forward and a profiled forward
     + backward at each of the two small batch sizes (no optimizer step). See the module docstring
@@ -498,9 +505,10 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
         trainable = [p for _, p in step.trainable]
         param = next((t for t in held if t.is_floating_point()), None)
         dtype = param.dtype if param is not None else torch.get_default_dtype()
+        spec = input_spec(work, example)
 
         with torch.no_grad():
-            probe = work(torch.randn(2 if batch > 1 else 1, *input_shape[1:], dtype=dtype))
+            probe = work(random_input((2 if batch > 1 else 1, *input_shape[1:]), spec, dtype))
         num_classes = int(probe.shape[-1])
         del probe
 
@@ -516,7 +524,7 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
                 p.grad = None
             handles = [p.register_post_accumulate_grad_hook(drop_grad) for p in trainable]
         try:
-            passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype)
+            passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype, spec=spec)
                       for s in sizes]
         finally:
             for h in handles:
@@ -545,7 +553,8 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
         activations = round(act_b + (act_b - act_a) * (batch - pb.batch) / (pb.batch - pa.batch))
     activations = max(int(activations), 0)
 
-    x_bytes = batch * _numel(input_shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    x_dtype = spec.dtype or dtype
+    x_bytes = batch * _numel(input_shape[1:]) * torch.empty((), dtype=x_dtype).element_size()
     input_bytes = x_bytes + batch * 8  # int64 labels
     if not profiled:  # no allocator timeline: assume all activations and gradients coexist
         timeline_peak, peak_at, fwd_end = activations + gradients, 1, 0

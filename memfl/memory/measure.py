@@ -44,7 +44,12 @@ resident after being freed; every ``mmap``-ed block is rounded up to 4 KiB, and 
 touched are not resident; the Python objects of the model and optimizer.
 
 The parent process must be importable by the spawned child: scripts that call :func:`measure`
-at import time need the usual ``if __name__ == "__main__":`` guard.
+at import time need the usual ``if __name__ == "__main__":`` guard. (Without it the child, which
+imports the script to unpickle ``model_fn``, would call :func:`measure` again; that call is
+detected and the parent's :class:`MeasurementError` says so.)
+
+Inputs are standard normal floats by default; integer inputs (token ids) come from ``example``
+or from a leading ``nn.Embedding`` (see :mod:`memfl.memory.inputs`).
 
 CUDA (``device="cuda"``): ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
 at the baseline, minus ``memory_allocated`` at the baseline (the caching allocator's *allocated*
@@ -57,6 +62,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -64,8 +71,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from memfl.core.protocol import Plan
+from memfl.memory.inputs import InputSpec, input_spec, random_input
 
 MMAP_THRESHOLD = 65536
+#: Set in the measuring child's environment: a file where a re-entrant call (an unguarded script
+#: re-imported by the spawned child) leaves a note for the parent.
+_REENTRY_ENV = "MEMFL_MEASURE_REENTRY_FILE"
 
 
 @dataclass
@@ -169,28 +180,32 @@ def _train_step(step: Any, opt: Any, x: Any, y: Any) -> None:
 
 def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[int, ...],
                    optimizer: str, plan: Plan | None, device: str, momentum: float,
-                   weight_decay: float) -> int:
-    """One throw-away training step of a throw-away model at batch 2; returns num_classes."""
+                   weight_decay: float, spec: InputSpec | None = None) -> tuple[int, InputSpec]:
+    """One throw-away training step of a throw-away model at batch 2; returns num_classes and
+    the input spec (``spec``, or the one :func:`~memfl.memory.inputs.input_spec` reads off the
+    model)."""
     from memfl.core.engine import prepare
     from memfl.core.optim import make_step_optimizer
 
     model = model_fn().to(device)
     model.train()
+    spec = spec if spec is not None else input_spec(model)
     small = min(2, input_shape[0])
     with torch.no_grad():
-        num_classes = int(model(torch.randn(small, *input_shape[1:], device=device)).shape[-1])
+        num_classes = int(model(random_input((small, *input_shape[1:]), spec, device=device)).shape[-1])
     step = prepare(model, plan)
     opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
                               momentum=momentum, weight_decay=weight_decay)
-    x = torch.randn(small, *input_shape[1:], device=device)
+    x = random_input((small, *input_shape[1:]), spec, device=device)
     y = torch.randint(0, num_classes, (small,), device=device)
     _train_step(step, opt, x, y)
-    return num_classes
+    return num_classes, spec
 
 
 def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], optimizer: str,
                    plan: Plan | None, steps: int, device: str, momentum: float,
-                   weight_decay: float, num_threads: int) -> dict[str, Any]:
+                   weight_decay: float, num_threads: int,
+                   spec: InputSpec | None = None) -> dict[str, Any]:
     import gc
 
     import torch
@@ -204,8 +219,8 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     # Throw-away model first (a failing model_fn fails fast): lazy imports of the builder, the
     # number of classes, and one training step at batch 2 so the code and pools of every op the
     # step uses are paged in / created before the baseline (library state, not training memory).
-    num_classes = _warm_up_model(torch, model_fn, input_shape, optimizer, plan, device, momentum,
-                                 weight_decay)
+    num_classes, spec = _warm_up_model(torch, model_fn, input_shape, optimizer, plan, device,
+                                       momentum, weight_decay, spec)
     _warm_up_runtime(torch, device)
     gc.collect()
 
@@ -222,7 +237,7 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     step = prepare(model, plan)
     opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
                               momentum=momentum, weight_decay=weight_decay)
-    x = torch.randn(*input_shape, device=device)
+    x = random_input(tuple(input_shape), spec, device=device)
     y = torch.randint(0, num_classes, (input_shape[0],), device=device)
     times = []
     for _ in range(steps):
@@ -259,7 +274,8 @@ def _child_main(conn: Any, args: tuple) -> None:
 
 def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimizer: str = "sgd",
             plan: Plan | None = None, steps: int = 3, device: str = "cpu", momentum: float = 0.9,
-            timeout: float = 600, weight_decay: float = 0.0) -> MemoryMeasurement:
+            timeout: float = 600, weight_decay: float = 0.0,
+            example: Any = None) -> MemoryMeasurement:
     """Peak memory of ``steps`` real training steps of ``model_fn()`` in a fresh subprocess.
 
     model_fn:    picklable zero-argument callable returning the model (a module-level function or
@@ -271,25 +287,44 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
                  :func:`memfl.core.engine.prepare`, and its ``saved_tensors`` context (if any) wraps the
                  forward, as in the trainer.
     timeout:     seconds before the child is killed and :class:`TimeoutError` raised.
+    example:     what the random input looks like: a tensor (e.g. a few training inputs; integer
+                 ones give ids in their value range) or a :class:`~memfl.memory.inputs.InputSpec`;
+                 default standard normal, or integer ids when the model starts with an embedding.
 
     Raises :class:`MeasurementError` with the child's traceback when the child fails.
     See the module docstring for what exactly is counted.
     """
     import torch
 
+    if getattr(mp.current_process(), "_inheriting", False):
+        # We are a spawned child still importing the parent's main module: the script called
+        # measure() at import time (no ``if __name__ == "__main__":`` guard).
+        note = os.environ.get(_REENTRY_ENV)
+        if note:
+            try:
+                with open(note, "w") as fh:
+                    fh.write(getattr(sys.modules.get("__mp_main__"), "__file__", None) or "?")
+            except OSError:
+                pass
+        raise RuntimeError(_UNGUARDED_HINT.format(script="the script"))
     if steps < 1:
         raise ValueError("steps must be >= 1")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
+    spec = input_spec(None, example) if example is not None else None
     args = (model_fn, tuple(int(s) for s in input_shape), optimizer, plan, int(steps), device,
-            float(momentum), float(weight_decay), int(torch.get_num_threads()))
+            float(momentum), float(weight_decay), int(torch.get_num_threads()), spec)
     proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True,
                        name="memfl-measure")
     # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only.
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    fd, note = tempfile.mkstemp(prefix="memfl-measure-", suffix=".txt")
+    os.close(fd)
+    saved_note = os.environ.get(_REENTRY_ENV)
+    os.environ[_REENTRY_ENV] = note
     try:
         proc.start()
     except (pickle.PicklingError, AttributeError, TypeError) as err:
@@ -299,10 +334,11 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
                         f"or a functools.partial of one, not a lambda or local function): "
                         f"{err}") from err
     finally:
-        if saved is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+        for key, value in (("MALLOC_MMAP_THRESHOLD_", saved), (_REENTRY_ENV, saved_note)):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     child_conn.close()
     result = None
     try:
@@ -326,10 +362,41 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
             proc.kill()
             proc.join()
         parent_conn.close()
+        reentered = _read_note(note)
     status, payload = result
     if status == "died":
+        if reentered:
+            raise MeasurementError(
+                "memory measurement child died without a result: "
+                + _UNGUARDED_HINT.format(script=f"the script {reentered}"))
+        hint = "killed for memory?" if proc.exitcode in (-9, 137) else "see its traceback above"
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if proc.exitcode == 1 and main_file:
+            hint += ("; if it mentions the bootstrapping phase, " + _UNGUARDED_HINT.format(
+                script=f"the script {main_file}"))
         raise MeasurementError(f"memory measurement child died without a result "
-                               f"(exit code {proc.exitcode}; killed for memory?)")
+                               f"(exit code {proc.exitcode}; {hint})")
     if status == "error":
         raise MeasurementError(f"memory measurement child failed:\n{payload}")
     return MemoryMeasurement(**payload)
+
+
+_UNGUARDED_HINT = (
+    "{script} calls memfl measure() (or memfl.plan/measure) at import time. measure() runs the "
+    "training in a fresh *spawned* process, which re-imports the main script to unpickle model_fn "
+    "and so ran that call again. Fix: put the script's top-level code under "
+    "`if __name__ == \"__main__\":` (define model_fn at module level, call measure inside the guard).")
+
+
+def _read_note(path: str) -> str:
+    """The script path a re-entrant child wrote (empty: none); removes the note file."""
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -8,6 +8,9 @@
   ``Instruction``/``Result`` as Flower records (``memfl flower app``, ``memfl flower local``;
   docs/FLOWER.md).
 
-Neither runtime holds an algorithm of its own: selection, planning and aggregation are the
-strategy's, training is the trainer's.
+Both drive the one round loop (:func:`memfl.server.loop.run_rounds`); a runtime is only an
+executor (:class:`memfl.server.executor.Executor`): how instructions reach clients and results come
+back (``sim.InProcessExecutor``, ``flower.server_app.FlowerExecutor``). Neither holds an algorithm or
+a record format of its own: selection, planning and aggregation are the strategy's, training is the
+trainer's, the records and checkpoints the loop's, so every round-record field means the same on both.
 """

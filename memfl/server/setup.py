@@ -19,8 +19,10 @@ from memfl.core.protocol import HyperParams, Plan
 from memfl.core.registry import METHOD_SECTIONS, STRATEGIES
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 from memfl.data import Dataset, assign_budgets, load_dataset, make_synthetic, partition
-from memfl.memory import estimate
+from memfl.data.user import import_object, load_user_dataset
+from memfl.memory import estimate, input_spec
 from memfl.models import build_model
+from memfl.models.user import call_builder
 from memfl.server.checkpoint import Checkpoint
 
 
@@ -34,7 +36,28 @@ class SimClient:
 
 
 def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int) -> Callable[[Plan], torch.nn.Module]:
-    """plan -> fresh model of the configured architecture (width-scaled for ``width`` plans)."""
+    """plan -> fresh model of the configured architecture (width-scaled for ``width`` plans).
+
+    ``run.model`` is a shipped model name (built for ``(C, H, W)`` images of ``input_shape``) or
+    ``"package.module:function"``: a user builder called with no argument, or with
+    ``width=model_width * plan width`` when it takes a ``width`` keyword (HeteroFL sub-models).
+    """
+    name = config.run.model
+    if name == "custom":
+        raise ValueError("run.model 'custom' stands for a model_fn given to memfl.run(); to build the "
+                         "model from a config set run.model to 'package.module:function'")
+    if ":" in name:
+        fn = import_object(name, "run.model")
+
+        def build_user(plan: Plan) -> torch.nn.Module:
+            width = config.run.model_width * (plan.width if plan.kind == "width" else 1.0)
+            return call_builder(fn, width, name=f"run.model {name!r}")
+
+        return build_user
+    if len(input_shape) != 3:
+        raise ValueError(f"model {name!r} is built for (C, H, W) images; the data has inputs of shape "
+                         f"{tuple(input_shape)} (bring a model for them: run.model = 'package.module:function' "
+                         f"or memfl.run(model_fn, ...))")
 
     def build(plan: Plan) -> torch.nn.Module:
         width = config.run.model_width * (plan.width if plan.kind == "width" else 1.0)
@@ -45,9 +68,15 @@ def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int
 
 
 def load_data(config: Config) -> Dataset:
-    """The configured dataset (``synthetic`` is a small generated set for smoke tests)."""
+    """The configured dataset (``synthetic`` is a small generated set for smoke tests;
+    ``"package.module:function"`` is user data: :func:`memfl.data.load_user_dataset`)."""
     if config.run.dataset == "synthetic":
         return make_synthetic(num_train=max(2000, 20 * config.run.clients), num_test=500, seed=config.run.seed)
+    if ":" in config.run.dataset:
+        return load_user_dataset(config.run.dataset)
+    if config.run.dataset == "custom":
+        raise ValueError("run.dataset 'custom' stands for data given to memfl.run(); to load it from a "
+                         "config set run.dataset to 'package.module:function'")
     return load_dataset(config.run.dataset, config.run.data_dir)
 
 
@@ -70,8 +99,14 @@ def hyperparams(config: Config) -> HyperParams:
 
 
 def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
-                 model_fn: Callable[[Plan], torch.nn.Module]) -> FederationContext:
-    """The strategy's view of the task; predicted peaks are memoised per plan."""
+                 model_fn: Callable[[Plan], torch.nn.Module], *,
+                 example: torch.Tensor | None = None) -> FederationContext:
+    """The strategy's view of the task; predicted peaks are memoised per plan.
+
+    ``example``: training inputs the estimates draw their random inputs like (integer token ids:
+    their value range; :mod:`memfl.memory.inputs`); None (float inputs) keeps the default.
+    """
+    spec = input_spec(None, example) if example is not None else None
 
     @lru_cache(maxsize=256)
     def peak(plan_json: str) -> int:
@@ -79,7 +114,8 @@ def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
         model = model_fn(plan)
         shape = (config.train.batch_size, *input_shape)
         return estimate(model, shape, optimizer=config.train.optimizer, plan=plan,
-                        momentum=config.train.momentum, weight_decay=config.train.weight_decay).peak_bytes
+                        momentum=config.train.momentum, weight_decay=config.train.weight_decay,
+                        example=spec).peak_bytes
 
     return FederationContext(
         model_fn=model_fn, input_shape=tuple(input_shape), num_classes=num_classes,
@@ -103,14 +139,16 @@ class ServerSetup:
 
 
 def set_up_server(config: Config, input_shape: tuple[int, ...], num_classes: int,
-                  checkpoint: Checkpoint, *, model_fn: Callable[[Plan], torch.nn.Module] | None = None) -> ServerSetup:
+                  checkpoint: Checkpoint, *, model_fn: Callable[[Plan], torch.nn.Module] | None = None,
+                  example: torch.Tensor | None = None) -> ServerSetup:
     """Model builder, initial global model, context and strategy -- same seeds, same order in the
     simulator and the Flower ServerApp, so both start from the same parameters -- then the
-    parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume."""
+    parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume.
+    ``example``: as :func:`make_context` (e.g. ``data.example``)."""
     model_fn = model_fn or model_builder(config, input_shape, num_classes)
     torch.manual_seed(config.run.seed)
     global_model = model_fn(Plan())
-    ctx = make_context(config, input_shape, num_classes, model_fn)
+    ctx = make_context(config, input_shape, num_classes, model_fn, example=example)
     full_peak = ctx.peak_fn(Plan())
     strategy: Strategy = STRATEGIES[config.run.method](ctx)
     wrapped = strategy.wrap_model_fn(model_fn, ctx)

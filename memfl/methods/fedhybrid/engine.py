@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfl.core.engine import TrainStep
 from memfl.methods.fedhybrid.compress import Compressor, parse_mode
-from memfl.methods.fedhybrid.profile import segments_of
+from memfl.methods.fedhybrid.profile import check_segments, segments_of
 from memfl.core.protocol import Plan
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -95,8 +95,12 @@ class HybridForward:
     """Callable ``x -> logits`` running each segment in its plan's mode."""
 
     def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model = model
         self.segments = segments_of(model)
         self.head = model.head if hasattr(model, "head") and hasattr(model, "blocks") else None
+        # a user's model cut from its children: checked once (on its first batch) that its forward
+        # is those children in order (memfl.methods.fedhybrid.profile.check_segments)
+        self._unchecked = not getattr(model, "_memfl_segments_checked", False)
         names = [n for n, _ in self.segments]
         modes = dict(plan.segments or {})
         unknown = set(modes) - set(names)
@@ -138,6 +142,10 @@ class HybridForward:
 
     # -- forward ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unchecked:
+            check_segments(self.model, x[:2])
+            object.__setattr__(self.model, "_memfl_segments_checked", True)  # not a module attribute
+            self._unchecked = False
         if self._depth == 0 and torch.is_grad_enabled():
             with self.hooks():
                 return self._run(x)

@@ -108,7 +108,7 @@ class PlanChoice:
     added_seconds:        seconds the plan adds per step on the device (profile time / speed).
     step_seconds:         the full-training step time on the device (profile time / speed).
     budget_bytes:         the budget asked for.
-    solve_seconds:        wall time of the ILP solves (and estimates).
+    solve_seconds:        wall time of the solves (DP or ILP) and estimates.
     """
 
     plan: Plan

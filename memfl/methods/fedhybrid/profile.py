@@ -4,7 +4,9 @@ Segments
 --------
 A *segment* is one sequential unit of :func:`memfl.models.units` (the ResNet stem and each residual
 unit; each CNN/VGG conv-BN-ReLU layer and pool; the ViT patch embedding and each transformer
-layer). The head (pooling + classifier + loss) is a pseudo-segment that always keeps its tensors.
+layer), or for a model that is not a BlockModel one of its ordered top-level children
+(:func:`segments_of`: an MLP's layers, an embedding model's embedding / pooling / linear modules, a
+small CNN's layers; :class:`PartitionError` when its forward is not its children in order). The head (pooling + classifier + loss) is a pseudo-segment that always keeps its tensors.
 Segments are what a hybrid plan decides about: keep, recompute or compress at b bits.
 
 What is recorded
@@ -49,6 +51,7 @@ from torch.nn import functional as F
 
 from memfl.methods.fedhybrid.compress import (compress_kind, narrow_int, packed_nbytes, parse_mode, quantize,
                                    relu_output)
+from memfl.memory.inputs import input_spec, random_input
 from memfl.models import units as model_units
 
 #: bit-widths whose pack/unpack cost is profiled (others interpolate linearly in bits)
@@ -186,21 +189,75 @@ class ModelProfile:
         return lo[1] + w * (hi[1] - lo[1])
 
 
+class PartitionError(ValueError):
+    """The model cannot be cut into planning segments (the message says why). FedHybrid's own
+    class: the methods do not import each other (ScaleFL has one of the same name)."""
+
+
+def _is_block_model(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and hasattr(model, "head") and isinstance(model.blocks, nn.ModuleList)
+
+
 def segments_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's planning segments: :func:`memfl.models.units` for a BlockModel, the children of
-    an ``nn.Sequential``. (The head is handled separately.)"""
-    if hasattr(model, "blocks") and hasattr(model, "head"):
+    """The model's planning segments, in forward order.
+
+    - a memfl BlockModel: :func:`memfl.models.units` (its head is handled separately);
+    - an ``nn.Sequential``: its children;
+    - any other ``nn.Module`` (a user's model): its top-level children in registration order, all
+      of them segments (no separate head). Its forward must be exactly those children in order:
+      :func:`check_segments` (run by :func:`profile_model` and on a hybrid step's first forward)
+      raises :class:`PartitionError` when it is not (e.g. ``self.fc(self.emb(x).mean(1))``: the
+      pooling is not a child); wrap such code in modules, or in an ``nn.Sequential``.
+
+    Raises :class:`PartitionError` for a model without children."""
+    if _is_block_model(model) or (hasattr(model, "blocks") and hasattr(model, "head")):
         return model_units(model)
-    if isinstance(model, nn.Sequential):
-        return list(model.named_children())
-    raise TypeError(f"cannot cut {type(model).__name__} into segments: expected a memfl BlockModel "
-                    "or an nn.Sequential")
+    segs = list(model.named_children())
+    if not segs:
+        raise PartitionError(f"cannot cut {type(model).__name__} into segments: it has no child modules "
+                             "(give a memfl BlockModel, an nn.Sequential or a module whose forward runs "
+                             "its children in order)")
+    return segs
 
 
 def _head_forward(model: nn.Module):
     if hasattr(model, "blocks") and hasattr(model, "head"):
         return model.head
     return None
+
+
+def example_batch(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """A random batch of ``input_shape`` (with the batch dim), drawn as the memory estimator draws
+    its input (:func:`memfl.memory.inputs.input_spec`: token ids in range for a model whose first
+    layer is an ``nn.Embedding`` or that carries a ``memfl_input_spec``; else ``torch.randn``)."""
+    return random_input(tuple(input_shape), input_spec(model), device=device)
+
+
+@torch.no_grad()
+def check_segments(model: nn.Module, x: torch.Tensor, atol: float = 1e-5) -> None:
+    """Raise :class:`PartitionError` unless running :func:`segments_of` in order (then the head)
+    on ``x`` reproduces ``model(x)`` (eval mode, restored after). BlockModels and ``nn.Sequential``
+    are so by construction and are not run."""
+    if _is_block_model(model) or isinstance(model, nn.Sequential):
+        return
+    segs, head = segments_of(model), _head_forward(model)
+    was = model.training
+    model.eval()
+    try:
+        ref = model(x)
+        h = x
+        for _, mod in segs:
+            h = mod(h)
+        out = head(h) if head is not None else h
+    except Exception as err:  # noqa: BLE001
+        raise PartitionError(f"running the children of {type(model).__name__} in order fails "
+                             f"({type(err).__name__}: {err}); its forward must be its children in order") from None
+    finally:
+        model.train(was)
+    if out.shape != ref.shape or not torch.allclose(out, ref, atol=atol, rtol=1e-4):
+        raise PartitionError(f"{type(model).__name__}'s forward is not its children "
+                             f"({', '.join(n for n, _ in segs)}) in order; write the steps between them as "
+                             "modules (or use an nn.Sequential) to plan it segment by segment")
 
 
 def _optimizer_bytes(param_bytes: int, optimizer: str, momentum: float) -> int:
@@ -270,7 +327,8 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
     segs = segments_of(model)
     head = _head_forward(model)
     S = len(segs)
-    x = torch.randn(*input_shape, device=device)
+    x = example_batch(model, input_shape, device)
+    check_segments(model, x[:2] if input_shape[0] >= 2 else x)
     with torch.no_grad():
         out_probe = model(x[:2] if input_shape[0] >= 2 else x)
     classes = num_classes or int(out_probe.shape[-1])

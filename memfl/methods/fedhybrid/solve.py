@@ -2,7 +2,7 @@
 ``memfl memory --plan`` run (the commands live in :mod:`memfl.cli.plan`).
 
 ``memfl plan --model NAME --input CxHxW --batch B --budget X [--measure] [--json]`` profiles the
-model, solves the planner (exact ILP, verified against the memory estimator) and prints the plan:
+model, solves the planner (the dynamic program, each plan verified against the memory estimator) and prints the plan:
 per segment its mode and saved bytes, the predicted peak and added step time; ``--measure`` also
 measures the plan's and full training's peak and step time in fresh subprocesses. ``X`` is in MB
 (``300``, ``300MB``) or a fraction of the full-training peak (``0.5x``).

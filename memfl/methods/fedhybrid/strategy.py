@@ -6,8 +6,8 @@
    ``[fedhybrid] contention = true`` the simulator predicts it from the client's memory trace,
    :mod:`memfl.methods.fedhybrid.budget`);
 2. its plan: the fastest hybrid keep/recompute/compress plan whose estimated peak is at most
-   ``budget * (1 - margin)`` -- looked up in a table of plans the server solves once (exact ILP,
-   :func:`memfl.methods.fedhybrid.planner.frontier`, each verified with :func:`memfl.memory.estimate`), full
+   ``budget * (1 - margin)`` -- looked up in a table of plans the server solves once (the planner's
+   dynamic program, :func:`memfl.methods.fedhybrid.planner.frontier`, each verified with :func:`memfl.memory.estimate`), full
    training when it fits; clients below the cheapest plan sit the round out;
 3. selection among the eligible clients by ``[fedhybrid] selection`` (default ``fedhybrid``:
    Stat x MemStat x CompStat + UCB, :mod:`memfl.methods.fedhybrid.selection`), where CompStat uses the client's
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -62,7 +62,8 @@ class FedHybrid(Strategy):
         self.margin = s.margin
         self.full_peak = int(ctx.peak_fn(Plan()))
         self._table: list[PlanChoice] | None = None
-        self._choices: dict[int, PlanChoice | None] = {}
+        # written by the runtime calls, not by hooks: client speeds seen by configure_train (for
+        # aggregate_train's durations) and the last round's facts (for round_report)
         self._speeds: dict[int, float] = {}
         self._report: dict[str, Any] = {}
         hp = ctx.hparams
@@ -88,14 +89,24 @@ class FedHybrid(Strategy):
                                        recompute=s.recompute)
         return self._table
 
-    def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
+    def choice_for(self, client: ClientInfo) -> PlanChoice | None:
+        """The table's plan for ``client``: the fastest that fits its budget (the memory-unaware
+        baselines: full training whatever the budget), or None when none fits."""
         if self.plans == "full" and self.settings.baseline_memory == "unaware":
-            choice = self.table()[0]  # memory-unaware baseline: full training, whatever the budget
-        else:
-            choice = pick(self.table(), client.budget_bytes, self.margin)
-        self._choices[client.id] = choice
-        self._speeds[client.id] = client.speed
+            return self.table()[0]  # memory-unaware baseline: full training, whatever the budget
+        return pick(self.table(), client.budget_bytes, self.margin)
+
+    def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
+        choice = self.choice_for(client)
         return None if choice is None else choice.plan
+
+    def _choice(self, client: ClientInfo, plan: Plan | None) -> PlanChoice | None:
+        """The table entry behind ``plan`` (the client's own choice when it is that plan; a plan
+        given some other way is looked up in the table; unknown: the client's own choice)."""
+        own = self.choice_for(client)
+        if plan is None or (own is not None and own.plan == plan):
+            return own
+        return next((c for c in self.table() if c.plan == plan), own)
 
     # -- selection ------------------------------------------------------------------------------
     def _steps(self, client: ClientInfo) -> int:
@@ -104,35 +115,46 @@ class FedHybrid(Strategy):
         steps = hp.local_epochs * max(1, math.ceil(client.num_samples / bs))
         return min(steps, hp.max_steps) if hp.max_steps else steps
 
-    def predicted_seconds(self, client: ClientInfo) -> float:
-        """Round time on the client's device under its plan: compute + transfer."""
-        choice = self._choices.get(client.id)
+    def predicted_seconds(self, client: ClientInfo, choice: PlanChoice | None) -> float:
+        """Round time on the client's device under ``choice`` (None: full training): compute +
+        transfer."""
         step = choice.step_seconds + choice.added_seconds if choice else self._full_step_seconds
         return self._steps(client) * step / client.speed + self._transfer
 
     def select(self, round: int, candidates: list[ClientInfo], k: int,
-               rng: np.random.Generator) -> list[ClientInfo]:
+               rng: np.random.Generator, plans: Mapping[int, Plan]) -> list[ClientInfo]:
+        """The selector's pick; CompStat weighs each candidate's round time under its plan."""
         cands = [Candidate(id=c.id, num_samples=c.num_samples, speed=c.speed,
-                           seconds=self.predicted_seconds(c),
+                           seconds=self.predicted_seconds(c, self._choice(c, plans.get(c.id))),
                            mem_stat=min(1.0, c.budget_bytes / max(1, self.full_peak)))
                  for c in candidates]
         ids = set(self.selector.select(round, cands, k, rng))
-        chosen = [c for c in candidates if c.id in ids]
-        self._report = {
-            "selection": self.selector.name, "eligible": len(candidates),
-            "epsilon": float(f"{self.selector.epsilon(round):.4f}"),
-            "clients": {str(c.id): self._client_report(c) for c in chosen},
-        }
-        return chosen
+        return [c for c in candidates if c.id in ids]
 
-    def _client_report(self, c: ClientInfo) -> dict[str, Any]:
-        choice = self._choices.get(c.id)
+    def round_facts(self, round: int, plans: Mapping[int, Plan | None],
+                    chosen: list[ClientInfo]) -> dict[str, Any]:
+        """What :meth:`round_report` says about ``round``: the selector, how many were eligible,
+        its exploration rate and each chosen client's plan, peak and predicted time."""
+        return {
+            "selection": self.selector.name, "eligible": sum(1 for p in plans.values() if p is not None),
+            "epsilon": float(f"{self.selector.epsilon(round):.4f}"),
+            "clients": {str(c.id): self._client_report(c, self._choice(c, plans[c.id])) for c in chosen},
+        }
+
+    def _client_report(self, c: ClientInfo, choice: PlanChoice | None) -> dict[str, Any]:
         if choice is None:
             return {}
         return {"plan": choice.plan.to_json(), "predicted_peak_bytes": choice.predicted_peak_bytes,
                 "step_time_ratio": round(choice.step_time_ratio, 4),
-                "predicted_seconds": round(self.predicted_seconds(c), 4),
+                "predicted_seconds": round(self.predicted_seconds(c, choice), 4),
                 "budget_bytes": c.budget_bytes}
+
+    def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
+                        clients: list[ClientInfo]) -> list[Instruction]:
+        plans, chosen = self.plan_and_select(round, clients)
+        self._speeds.update({c.id: c.speed for c in clients})
+        self._report = self.round_facts(round, plans, chosen)
+        return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
     def instruction(self, round: int, client: ClientInfo, plan: Plan,
                     global_params: dict[str, torch.Tensor]) -> Instruction:

@@ -6,6 +6,9 @@ the ``beta`` term limits how much of the raw input the block's feature ``Z_t`` k
 depend on the block's depth (:func:`coefficients`): shallow blocks keep input information, deep
 blocks compress it toward the label.
 
+:func:`mentor_terms` is what the ``stage`` engine (:mod:`memfl.methods.scalefl.engine`) adds to the
+cross-entropy in training; :func:`mentor_loss` is the same loss without the values it reports.
+
 nHSIC is kernel CKA with Gaussian kernels over a minibatch of ``m`` samples::
 
     K_ij  = exp(-||a_i - a_j||^2 / (2 sigma^2 d))       d = feature dimension
@@ -22,6 +25,8 @@ as the Frobenius product of the two doubly-centred kernels, which is the same nu
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -102,12 +107,37 @@ def coefficients(block: int, blocks: int, beta: tuple[float, float] | list[float
     return b, g
 
 
+class MentorTerms(NamedTuple):
+    """What :func:`mentor_terms` computed: the loss to add to the CE and its two nHSIC values
+    (None where the term is off), kept for the round's metrics."""
+
+    loss: torch.Tensor
+    nhsic_xz: torch.Tensor | None
+    nhsic_yp: torch.Tensor | None
+
+
+def mentor_terms(x: torch.Tensor, z: torch.Tensor, y_onehot: torch.Tensor, p: torch.Tensor | None,
+                 beta_t: float, gamma_t: float, sigma: float = SIGMA) -> MentorTerms:
+    """The Curriculum Mentor's part of the stage-t loss, as the ``stage`` engine trains it.
+
+    x: the input batch (any shape; flattened per sample, detached: the mentor does not push on the
+    data); z: block t's feature ``Z_t`` (any shape, flattened per sample); y_onehot: (B, classes);
+    p: the projection ``P_t`` of the pooled feature, or None (no gamma term). Returns
+    ``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (a term whose coefficient is 0 is skipped, not
+    computed) with the two values. Caveat: for token inputs X is the integer ids as numbers."""
+    loss = z.new_zeros(())
+    xz = yp = None
+    if beta_t:
+        xz = nhsic(x.detach().reshape(x.shape[0], -1), z.reshape(z.shape[0], -1), sigma)
+        loss = loss + beta_t * xz
+    if gamma_t and p is not None:
+        yp = nhsic(y_onehot, p, sigma)
+        loss = loss - gamma_t * yp
+    return MentorTerms(loss, xz, yp)
+
+
 def mentor_loss(x: torch.Tensor, z: torch.Tensor, y_onehot: torch.Tensor, p: torch.Tensor | None,
                 beta_t: float, gamma_t: float, sigma: float = SIGMA) -> torch.Tensor:
-    """``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (the part of L_t added to the CE)."""
-    loss = z.new_zeros(())
-    if beta_t:
-        loss = loss + beta_t * nhsic(x.detach(), z, sigma)
-    if gamma_t and p is not None:
-        loss = loss - gamma_t * nhsic(y_onehot, p, sigma)
-    return loss
+    """``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (the part of L_t added to the CE): the loss
+    training adds (:func:`mentor_terms`, without its values)."""
+    return mentor_terms(x, z, y_onehot, p, beta_t, gamma_t, sigma).loss

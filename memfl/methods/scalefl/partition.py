@@ -15,7 +15,11 @@ head. Running every unit of every group in order, then the head, is the model's 
   Cuts fall only before units with parameters, so every block has something to train.
 - ``boundaries`` (unit indices or unit names where blocks 2..T start) cut exactly where asked.
 - A plain ``nn.Module`` is cut from its ordered top-level children: all but the last are units,
-  the last is the head (``head=`` names another one). Its forward must be the children in order.
+  the last is the head (``head=`` names another one). Its forward must be the children in order
+  (checked on a probe batch drawn like the memory estimator's, :func:`example_input`: token ids
+  when its first layer is an ``nn.Embedding``, floats otherwise). A norm layer right after a conv/linear child is never
+  cut from it. Works for an MLP on (N, F), an embedding model on (N, T) int64 tokens whose pooling
+  is a child module, a small CNN on non-square images.
 
 Every way raises :class:`PartitionError` with a clear message when the model cannot be cut as
 asked (fewer units than blocks, a boundary that is not a unit, a non-sequential model, ...).
@@ -29,7 +33,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from memfl.memory.inputs import input_spec, random_input
+from memfl.methods.scalefl.output import OutputModule, ProjectionHead, exit_channels
 from memfl.models.base import BlockModel, last_layer_names, units
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 class PartitionError(ValueError):
@@ -69,10 +79,18 @@ class Partition:
         """Module names of the last layer of block ``block`` (1-based): the layer the Training
         Harmonizer co-trains with block ``block + 1``. The last weighted unit of the block is asked
         with :func:`~memfl.models.last_layer_names` (ResNet: conv2 + bn2 of the last residual unit,
-        CNN/VGG: the last conv + BN, ViT: the last transformer layer)."""
-        for name in reversed(self.groups[block - 1]):
-            found = last_layer_names(model.get_submodule(name), name)
+        CNN/VGG: the last conv + BN, ViT: the last transformer layer; a user's flat ``nn.Sequential``:
+        its last conv/linear unit and the norm unit right after it, an MLP's last ``nn.Linear``, an
+        ``nn.Embedding``). Empty when the block has no parameters (the harmonizer is then off)."""
+        group = self.groups[block - 1]
+        for i in range(len(group) - 1, -1, -1):
+            name = group[i]
+            mod = model.get_submodule(name)
+            found = last_layer_names(mod, name)
             if found:
+                # a user's flat nn.Sequential: a norm unit right after a conv/linear unit is one layer
+                if isinstance(mod, _NORMS) and i > 0 and isinstance(model.get_submodule(group[i - 1]), _WEIGHTED):
+                    return [group[i - 1], name]
                 return found
         return []
 
@@ -96,6 +114,18 @@ def _unit_list(model: nn.Module, head: str | None) -> tuple[list[str], str]:
                                          and isinstance(getattr(model, "blocks"), nn.ModuleList)):
         return [n for n, _ in units(model)], "head"  # type: ignore[arg-type]
     return _sequential_children(model, head)
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int, *, zeros: bool = False,
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """A probe batch ``(batch, *input_shape)`` for ``model``, drawn as the memory estimator draws
+    its input (:func:`memfl.memory.inputs.input_spec`: token ids in range for a model whose first
+    layer is an ``nn.Embedding`` or that carries a ``memfl_input_spec``; else ``torch.randn`` of
+    ``dtype``). ``zeros``: all zeros of that dtype instead (a deterministic shape probe)."""
+    spec = input_spec(model)
+    if zeros:
+        return torch.zeros(batch, *input_shape, dtype=spec.dtype or dtype, device=device)
+    return random_input((batch, *input_shape), spec, float_dtype=dtype, device=device)
 
 
 def _saved_bytes(fn, x: torch.Tensor, exclude: set[int]) -> int:
@@ -136,8 +166,6 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
     the backward's in-flight buffers (three of the stage's largest activation or weight gradient),
     activations scaled to the batch -- the shape of :func:`memfl.memory.estimate`'s model. Exact dynamic programming then picks the cut whose
     most expensive stage is cheapest. Cuts fall only on ``atoms`` (units with parameters)."""
-    from memfl.methods.scalefl.stage import OutputModule, ProjectionHead, _exit_channels
-
     n = len(names)
     mods = [model.get_submodule(u) for u in names]
     head_mod = model.get_submodule(head)
@@ -145,8 +173,8 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
     flags = [(q, q.requires_grad) for q in all_params]
     was = model.training
     p0 = all_params[0] if all_params else None
-    x = torch.randn(2, *input_shape, dtype=p0.dtype if p0 is not None else None,
-                    device=p0.device if p0 is not None else None)
+    x = example_input(model, input_shape, 2, dtype=p0.dtype if p0 is not None else None,
+                      device=p0.device if p0 is not None else None)
     inputs, shapes = [], []
     try:
         model.eval()
@@ -159,7 +187,7 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
                 shapes.append(tuple(h.shape[1:]))
         model.train()
         ends = atoms[1:] + [n]
-        exits = {e: OutputModule(shapes[e - 1], _exit_channels(shapes, e - 1, num_classes, exit_width), num_classes)
+        exits = {e: OutputModule(shapes[e - 1], exit_channels(shapes, e - 1, num_classes, exit_width), num_classes)
                  for e in ends if e < n}
         exit_par = {e: _nbytes(m) + _nbytes(ProjectionHead(m.width)) for e, m in exits.items()}
         prefix = [0]
@@ -239,7 +267,7 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
     head:        for a plain ``nn.Module``: the name of the child acting as the head (must be last).
     input_shape: one sample's shape, needed to balance a model that does not record it in ``arch``.
     batch_size:  the training batch the memory balance is computed for (``balanced`` only);
-                 ``exit_width``: the output modules' width it assumes (see ``memfl.methods.scalefl.stage``).
+                 ``exit_width``: the output modules' width it assumes (see :func:`memfl.methods.scalefl.output.exit_channels`).
     """
     if blocks < 1:
         raise PartitionError(f"blocks must be >= 1, got {blocks}")
@@ -275,14 +303,17 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
         if shape is None:
             raise PartitionError("balancing memory needs input_shape (one sample's shape)")
         # atoms: a unit with parameters plus the parameter-free units after it (pooling), so that
-        # every block has something to train
+        # every block has something to train; a norm layer right after a conv/linear unit (a
+        # user's flat nn.Sequential) stays with it
         atoms: list[int] = []
         for i, name in enumerate(names):
-            if i == 0 or any(True for _ in model.get_submodule(name).parameters()):
+            mod = model.get_submodule(name)
+            if i == 0 or (any(True for _ in mod.parameters())
+                          and not (isinstance(mod, _NORMS) and isinstance(model.get_submodule(names[i - 1]), _WEIGHTED))):
                 atoms.append(i)
         if blocks > len(atoms):
-            raise PartitionError(f"{type(model).__name__} has only {len(atoms)} units with parameters; "
-                                 f"cannot cut it into {blocks} blocks")
+            raise PartitionError(f"{type(model).__name__} has only {len(atoms)} units with parameters (a norm "
+                                 f"layer counts with the conv/linear before it); cannot cut it into {blocks} blocks")
         try:
             starts = memory_balanced_starts(model, names, head_name, blocks, tuple(shape), batch_size, atoms,
                                             exit_width)

@@ -4,7 +4,7 @@ Each round trains one stage t of the global :class:`~memfl.methods.scalefl.Scale
 frozen, block t + its output module + projection head trained, block t-1's last layer co-trained
 by the Training Harmonizer):
 
-- **Schedule** ``elastic`` (default): a stage runs at least ``r_min`` rounds and moves on when the
+- **Schedule** (:mod:`memfl.methods.scalefl.schedule`) ``elastic`` (default): a stage runs at least ``r_min`` rounds and moves on when the
   aggregated training loss plateaus -- its least-squares slope over the last ``window`` rounds,
   relative to its mean, improves by less than ``plateau`` per round -- or after ``r_max`` rounds
   (default ``run.rounds // T``, so every stage gets its turn within the run; ``r_min`` is capped
@@ -30,27 +30,18 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from memfl.core.aggregate import fedavg
 from memfl.core.engine import prepare
 from memfl.core.protocol import Instruction, Plan, Result
-from memfl.methods.scalefl.config import ScaleFLConfig
-from memfl.methods.scalefl.stage import ScaleFLModel, scalefl_model_fn
-from memfl.core.aggregate import fedavg
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
+from memfl.methods.scalefl.config import ScaleFLConfig
+from memfl.methods.scalefl.model import ScaleFLModel, scalefl_model_fn
+from memfl.methods.scalefl.schedule import StageSchedule, plateaued
 
-def plateaued(losses: list[float], window: int, threshold: float) -> bool:
-    """True when the least-squares slope of the last ``window`` losses, divided by their mean,
-    shows an improvement of less than ``threshold`` per round (a rising loss counts as a plateau)."""
-    if len(losses) < max(2, window):
-        return False
-    y = np.asarray(losses[-window:], dtype=float)
-    x = np.arange(len(y), dtype=float)
-    slope = float(np.polyfit(x, y, 1)[0])
-    scale = max(abs(float(y.mean())), 1e-12)
-    return -slope / scale < threshold
+__all__ = ["ScaleFL", "plateaued"]
 
 
 class ScaleFL(Strategy):
@@ -64,22 +55,42 @@ class ScaleFL(Strategy):
         self.settings = s
         self.T = s.blocks
         rounds = ctx.rounds
-        self.r_max = s.r_max if s.r_max else max(1, rounds // self.T if rounds else 10)
-        self.r_min = min(s.r_min, self.r_max)
+        r_max = s.r_max if s.r_max else max(1, rounds // self.T if rounds else 10)
         self.schedule = s.schedule
-        if self.schedule not in ("elastic", "cyclic"):
-            raise ValueError(f"scalefl.schedule {self.schedule!r}: expected 'elastic' or 'cyclic'")
+        # the stage schedule (JSON state, checkpointed)
+        self.scheduler = StageSchedule(s.schedule, self.T, s.r_min, r_max, s.window, s.plateau)
         # the server's reference copy, to name the tensors each stage trains
         self._model = ScaleFLModel(self._reference, self.T, mode=s.partition, input_shape=ctx.input_shape,
                                    batch_size=ctx.hparams.batch_size)
+        # a model that does not record its input shape gets it in the plan (for the estimator)
+        arch = getattr(self._reference, "arch", None) or {}
+        self._shape_option = None if {"in_channels", "image_size"} <= arch.keys() else list(ctx.input_shape)
         self._names: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        # schedule state (JSON, checkpointed)
-        self.stage = 1
-        self.rounds_in_stage = 0
-        self.losses: list[float] = []
         self.deepest = 0
-        self.transitions: list[dict[str, Any]] = []
+        # per-round facts, written by configure_train / aggregate_train, read by round_report
         self._report: dict[int, dict[str, Any]] = {}
+
+    # -- the schedule's state, as attributes ------------------------------------------------------
+    @property
+    def r_max(self) -> int:
+        return self.scheduler.r_max
+
+    @property
+    def r_min(self) -> int:
+        return self.scheduler.r_min
+
+    @property
+    def stage(self) -> int:
+        """The elastic schedule's current stage (settable)."""
+        return self.scheduler.stage
+
+    @stage.setter
+    def stage(self, value: int) -> None:
+        self.scheduler.stage = int(value)
+
+    @property
+    def transitions(self) -> list[dict[str, Any]]:
+        return self.scheduler.transitions
 
     # -- the global model -------------------------------------------------------------------------
     @classmethod
@@ -88,7 +99,8 @@ class ScaleFL(Strategy):
         """ScaleFL's global (and client) model is a ScaleFLModel, so output modules and projection
         heads live in the global state dict (stored, aggregated, checkpointed)."""
         s: ScaleFLConfig = ctx.settings or ScaleFLConfig()
-        return scalefl_model_fn(model_fn, s.blocks, mode=s.partition, batch_size=ctx.hparams.batch_size)
+        return scalefl_model_fn(model_fn, s.blocks, mode=s.partition, input_shape=tuple(ctx.input_shape),
+                                batch_size=ctx.hparams.batch_size)
 
     # -- plans ------------------------------------------------------------------------------------
     def plan(self, stage: int) -> Plan:
@@ -98,14 +110,16 @@ class ScaleFL(Strategy):
                    "sigma": float(s.sigma)}
         if s.partition == "balanced":
             options["batch_size"] = self.ctx.hparams.batch_size
+        if self._shape_option is not None:
+            options["input_shape"] = self._shape_option
         return Plan(kind="stage", stage=stage, options=options)
 
     def stage_for(self, round: int) -> int:
-        if self.schedule == "cyclic":
-            return (round - 1) % self.T + 1
-        return self.stage
+        """The stage round ``round`` trains (the schedule's)."""
+        return self.scheduler.stage_for(round)
 
     def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
+        """Round ``round``'s stage plan when its predicted peak fits ``client``'s budget, else None."""
         plan = self.plan(self.stage_for(round))
         return plan if self.ctx.peak_fn(plan) <= client.budget_bytes else None
 
@@ -137,12 +151,12 @@ class ScaleFL(Strategy):
     def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
                         clients: list[ClientInfo]) -> list[Instruction]:
         stage = self.stage_for(round)
-        plan = self.plan(stage)
-        peak = self.ctx.peak_fn(plan)
-        eligible = sum(1 for c in clients if peak <= c.budget_bytes)
+        peak = self.ctx.peak_fn(self.plan(stage))
+        plans, chosen = self.plan_and_select(round, clients)
+        eligible = sum(1 for p in plans.values() if p is not None)
         self._report[round] = {"stage": stage, "eligible": eligible, "stage_peak_bytes": int(peak),
                                "schedule": self.schedule}
-        return super().configure_train(round, global_params, clients)
+        return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
     def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
                         results: list[Result]) -> dict[str, torch.Tensor]:
@@ -167,38 +181,21 @@ class ScaleFL(Strategy):
         return new
 
     def _advance(self, round: int, loss: float | None) -> None:
-        self.rounds_in_stage += 1
-        if loss is not None:
-            self.losses.append(float(loss))
-        if self.stage >= self.T:
-            return
-        reason = None
-        if self.rounds_in_stage >= self.r_max:
-            reason = "r_max"
-        elif self.rounds_in_stage >= self.r_min and plateaued(
-                self.losses, self.settings.window, self.settings.plateau):
-            reason = "plateau"
+        reason = self.scheduler.advance(round, loss)
         if reason:
-            self.transitions.append({"round": round, "from": self.stage, "to": self.stage + 1,
-                                     "reason": reason, "rounds": self.rounds_in_stage})
             self._report[round]["advanced"] = reason
-            self.stage += 1
-            self.rounds_in_stage = 0
-            self.losses = []
 
     # -- reporting and checkpoints ----------------------------------------------------------------
     def round_report(self, round: int) -> dict[str, Any]:
         return dict(self._report.pop(round, {}))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "rounds_in_stage": self.rounds_in_stage, "losses": list(self.losses),
-                "deepest": self.deepest, "transitions": list(self.transitions)}
+        sched = self.scheduler.state_dict()
+        return {"stage": sched["stage"], "rounds_in_stage": sched["rounds_in_stage"], "losses": sched["losses"],
+                "deepest": self.deepest, "transitions": sched["transitions"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.stage = int(state["stage"])
-        self.rounds_in_stage = int(state["rounds_in_stage"])
-        self.losses = [float(v) for v in state["losses"]]
+        self.scheduler.load_state_dict(state)
         self.deepest = int(state["deepest"])
-        self.transitions = list(state.get("transitions", []))

@@ -8,14 +8,23 @@ Per run:
 2. Wait for ``min-nodes`` SuperNodes and ask each who it is (a ``query`` message): its partition
    (= memfl client id), sample count, memory budget and device. Flower gives the server only random
    node ids; the budgets reach the planner through these replies (``ClientInfo.budget_bytes``).
-3. Every round: ``strategy.configure_train(round, params, clients)`` -> one Instruction per chosen
-   client -> one ``train`` message per node, each with its own fresh RecordDict (a plan may differ
-   per node) -> replies within ``round-timeout`` -> ``strategy.aggregate_train`` -> evaluate on the
-   test set -> checkpoint. A node that fails, answers with an error or does not answer in time is
-   recorded as failed and left out of the aggregate; a node that did not answer at all is asked
-   again before it is planned for again.
-4. Write ``results.json`` and the accuracy plot to ``memfl.run.out`` in the format of
-   ``memfl run``, plus ``runtime: "flower"``, each node's id, declared budget and timings.
+3. Drive the shared round loop (:func:`memfl.server.loop.run_rounds`: plan, aggregate, evaluate,
+   records, checkpoint, summary -- the simulator's, field for field) through a
+   :class:`FlowerExecutor`: the round's clients are the nodes that answered a query, planned with
+   the budget each declared; each instruction becomes one ``train`` message to its node (a fresh
+   RecordDict each: a plan may differ per node), replies are awaited for ``round-timeout``. A node
+   that fails, answers with an error or does not answer in time is a failed outcome, left out of the
+   aggregate; a node that did not answer at all is asked again before it is planned for again.
+   Evaluation needs the test set on the server: without it accuracy stays ``None`` and no plot is
+   drawn.
+4. ``results.json`` and the accuracy plot land in ``memfl.run.out`` in the format of ``memfl run``
+   (:mod:`memfl.server.records`) with ``runtime: "flower"``; Flower-only extras: each client record's
+   ``node_id``, ``memory_mb``, ``round_trip_seconds`` and ``node`` timings, each client entry's node
+   id, declared memory, budget source and machine, and the round ``timing``'s serialize / push /
+   wait / deserialize seconds.
+
+Caveat: the simulator's memory contention (``fedhybrid.contention``) is not simulated here -- a
+node's real memory is its own; records have no ``real_budget_bytes``.
 
 No algorithm lives here: selection, planning and merging are the strategy's, training is the
 LocalTrainer's (in the ClientApp).
@@ -23,7 +32,6 @@ LocalTrainer's (in the ClientApp).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +41,8 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from memfl.core.protocol import Plan, Result
+from memfl.core.protocol import Instruction
+from memfl.core.strategy import ClientInfo
 from memfl.runtime.flower.appconfig import AppSettings
 from memfl.runtime.flower.serde import (
     META,
@@ -43,7 +52,7 @@ from memfl.runtime.flower.serde import (
     instruction_to_content,
     json_record,
 )
-from memfl.core.strategy import ClientInfo
+from memfl.server.executor import Candidate, Outcome
 
 #: Flower error code of a ClientApp that raised (the node itself is alive)
 CLIENT_APP_RAISED = 2
@@ -171,11 +180,11 @@ class FlowerServer:
 
     # -- the experiment -------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Set up as the simulator does, wait for the nodes, then the shared round loop."""
         from memfl.data import DataError
-        from memfl.core.trainer import evaluate
         from memfl.server.checkpoint import Checkpoint
-        from memfl.server.clock import client_seconds
-        from memfl.server.records import summarize
+        from memfl.server.loop import run_rounds
+        from memfl.server.progress import LogReporter
         from memfl.server.setup import load_data, set_up_server
 
         config = self.config
@@ -196,130 +205,100 @@ class FlowerServer:
             input_shape, num_classes = tuple(first["input_shape"]), int(first["num_classes"])
         # the simulator's set-up, step for step (same seeds, same order): same initial model
         checkpoint = Checkpoint(out)
-        setup = set_up_server(config, input_shape, num_classes, checkpoint)
-        full_peak, strategy = setup.full_peak, setup.strategy
-        params, rounds = setup.params, setup.rounds
-        global_model = setup.global_model.to(config.run.device)
-        if rounds:
-            self.log(f"resuming {out} after round {len(rounds)}")
+        setup = set_up_server(config, input_shape, num_classes, checkpoint,
+                              example=data.example if data is not None else None)
         self.log(f"memfl on Flower: {config.run.method}, model {config.run.model}, {len(self.nodes)} nodes, "
-                 f"{config.run.rounds} rounds; full-training peak {full_peak / 2**20:.1f} MB")
+                 f"{config.run.rounds} rounds; full-training peak {setup.full_peak / 2**20:.1f} MB")
+        return run_rounds(config, setup, checkpoint, FlowerExecutor(self), test=data,
+                          reporter=LogReporter(self.log), plot_label=f"{config.run.method} (Flower)")
 
-        virtual_total = rounds[-1]["virtual_seconds"] if rounds else 0.0
-        seen: dict[int, dict[str, Any]] = {}
-        for rnd in range(len(rounds) + 1, config.run.rounds + 1):
-            t0 = time.perf_counter()
-            self.ask_new_nodes()  # answers arrive during the round; such nodes join the next one
-            active = sorted((n for n in self.nodes.values() if not n.lost), key=lambda n: n.client.id)
-            for n in active:
-                seen[n.client.id] = self._client_entry(n)
-            if not active:
-                self.log(f"round {rnd}: no node is available")
-            by_cid = {n.client.id: n for n in active}
-            t_plan = time.perf_counter()
-            instructions = strategy.configure_train(rnd, params, [n.client for n in active])
-            t_ser0 = time.perf_counter()
-            msgs = [Message(instruction_to_content(ins), dst_node_id=by_cid[ins.client_id].node_id,
-                            message_type=MessageType.TRAIN, group_id=str(rnd),
-                            ttl=max(self.settings.round_timeout, 10.0)) for ins in instructions]
-            t_ser1 = time.perf_counter()
-            push_seconds = self.mail.send([(m, "train", i) for i, m in enumerate(msgs)])
-            replies: dict[int, tuple[Message, float]] = {}
 
-            def handle(kind: str, key: Any, reply: Message, seconds: float) -> None:
-                if kind == "train" and reply.metadata.group_id == str(rnd):
-                    replies[key] = (reply, seconds)
-                elif kind == "query":
-                    self.on_query_reply(key, reply)
+class FlowerExecutor:
+    """The round loop's executor over a :class:`FlowerServer`'s nodes.
 
-            self.mail.collect(handle, lambda: len(replies) == len(msgs), self.settings.round_timeout)
-            self.mail.forget("train")  # replies after the deadline are not waited for
-            t_deser0 = time.perf_counter()
+    :meth:`clients`: ask new or lost nodes who they are (answers arrive during the round; such
+    nodes join the next one), then every node that answers, planned with the budget it declared.
+    :meth:`run`: one ``train`` message per instruction (each its own RecordDict), replies within
+    ``round-timeout``; a node that does not answer is marked lost, one whose ClientApp raised is
+    not. No simulated contention here: a node's real budget is its own business (a ClientApp with
+    ``enforce-budget`` refuses a plan too big: a failed outcome).
+    """
 
-            results: list[Result] = []
-            records: list[dict[str, Any]] = []
-            for i, ins in enumerate(instructions):
-                node = by_cid[ins.client_id]
-                rec: dict[str, Any] = {
-                    "id": ins.client_id, "device": node.client.device, "budget_bytes": ins.budget_bytes,
-                    "plan": ins.plan.label, "predicted_peak_bytes": ins.predicted_peak_bytes,
-                    "node_id": node.node_id, "memory_mb": node.info.get("memory_mb"),
-                }
-                reply, seconds = replies.get(i, (None, None))
-                if reply is None:
+    runtime = "flower"
+
+    def __init__(self, server: FlowerServer) -> None:
+        self.server = server
+        self.versions = {"flwr": _flwr_version()}
+        self.active: dict[int, Node] = {}      # client id -> node, this round
+        self.seen: dict[int, Candidate] = {}   # client id -> its latest entry (the results' clients)
+        self._timing: dict[str, float] = {}
+
+    def clients(self, round: int) -> list[Candidate]:
+        self.server.ask_new_nodes()
+        nodes = sorted((n for n in self.server.nodes.values() if not n.lost), key=lambda n: n.client.id)
+        self.active = {n.client.id: n for n in nodes}
+        out = []
+        for n in nodes:
+            cand = Candidate(n.client, extra={"node_id": n.node_id, "memory_mb": n.info.get("memory_mb"),
+                                              "budget_source": n.info.get("budget_source"),
+                                              "machine": n.info.get("machine")})
+            self.seen[n.client.id] = cand
+            out.append(cand)
+        return out
+
+    def roster(self) -> list[Candidate]:
+        return [self.seen[cid] for cid in sorted(self.seen)]
+
+    def timing(self) -> dict[str, float]:
+        return dict(self._timing)
+
+    def run(self, round: int, instructions: list[Instruction]) -> list[Outcome]:
+        server, settings = self.server, self.server.settings
+        t_ser0 = time.perf_counter()
+        msgs = [Message(instruction_to_content(ins), dst_node_id=self.active[ins.client_id].node_id,
+                        message_type=MessageType.TRAIN, group_id=str(round),
+                        ttl=max(settings.round_timeout, 10.0)) for ins in instructions]
+        t_ser1 = time.perf_counter()
+        push_seconds = server.mail.send([(m, "train", i) for i, m in enumerate(msgs)])
+        replies: dict[int, tuple[Message, float]] = {}
+
+        def handle(kind: str, key: Any, reply: Message, seconds: float) -> None:
+            if kind == "train" and reply.metadata.group_id == str(round):
+                replies[key] = (reply, seconds)
+            elif kind == "query":
+                server.on_query_reply(key, reply)
+
+        server.mail.collect(handle, lambda: len(replies) == len(msgs), settings.round_timeout)
+        server.mail.forget("train")  # replies after the deadline are not waited for
+        t_deser0 = time.perf_counter()
+        outcomes = []
+        for i, ins in enumerate(instructions):
+            node = self.active[ins.client_id]
+            extra: dict[str, Any] = {"node_id": node.node_id, "memory_mb": node.info.get("memory_mb")}
+            where = f"node {node.node_id}"
+            reply, seconds = replies.get(i, (None, None))
+            if reply is None:
+                node.lost = True
+                outcomes.append(Outcome(ins.client_id, "failed", where=where, extra=extra,
+                                        error=f"no reply within {settings.round_timeout:.0f} s"))
+            elif reply.has_error():
+                if reply.error.code != CLIENT_APP_RAISED:
                     node.lost = True
-                    rec.update(status="failed", error=f"no reply within {self.settings.round_timeout:.0f} s")
-                elif reply.has_error():
-                    if reply.error.code != CLIENT_APP_RAISED:
-                        node.lost = True
-                    rec.update(status="failed", error=f"Flower error {reply.error.code}: {reply.error.reason}")
-                else:
-                    res, extra = content_to_result(reply.content)
-                    metrics = reply.content[METRICS]
-                    results.append(res)
-                    rec.update(
-                        status="ok", num_samples=res.num_samples, steps=res.steps, train_loss=res.loss,
-                        compute_seconds=res.compute_seconds,
-                        virtual_seconds=client_seconds(res.compute_seconds, node.client.speed, ins.params, res.params),
-                        metrics=res.metrics, round_trip_seconds=seconds,
-                        node={**extra, "serialize_seconds": metrics.get("serialize-seconds"),
-                              "handler_seconds": metrics.get("handler-seconds")},
-                    )
-                if rec["status"] == "failed":
-                    self.log(f"round {rnd}: client {ins.client_id} (node {node.node_id}) failed: {rec['error']}")
-                records.append(rec)
-            t_agg0 = time.perf_counter()
-            params = strategy.aggregate_train(rnd, params, results)
-            t_agg1 = time.perf_counter()
-            entry: dict[str, Any] = {"round": rnd, "accuracy": None, "loss": None, "clients": records,
-                                     "strategy": strategy.round_report(rnd)}
-            if data is not None and (rnd % config.run.eval_every == 0 or rnd == config.run.rounds):
-                global_model.load_state_dict(params)
-                entry["accuracy"], entry["loss"] = evaluate(global_model, data.test_x, data.test_y,
-                                                            device=config.run.device)
-            ok = [r for r in records if r["status"] == "ok"]
-            entry["round_virtual_seconds"] = max((r["virtual_seconds"] for r in ok), default=0.0)
-            virtual_total += entry["round_virtual_seconds"]
-            entry["virtual_seconds"] = virtual_total
-            entry["round_seconds"] = time.perf_counter() - t0
-            entry["failed"] = len(records) - len(ok)
-            entry["timing"] = {
-                "query_seconds": t_plan - t0, "plan_seconds": t_ser0 - t_plan,
-                "serialize_seconds": t_ser1 - t_ser0, "push_seconds": push_seconds,
-                "wait_seconds": t_deser0 - t_ser1 - push_seconds,
-                "deserialize_seconds": t_agg0 - t_deser0, "aggregate_seconds": t_agg1 - t_agg0,
-                "evaluate_seconds": time.perf_counter() - t_agg1,
-            }
-            rounds.append(entry)
-            checkpoint.save(params, {"config": config.to_json(), "rounds": rounds, "strategy": strategy.state_dict()})
-            acc = f"accuracy {entry['accuracy']:.4f}" if entry["accuracy"] is not None else "not evaluated"
-            self.log(f"round {rnd}/{config.run.rounds}: {acc}, {len(ok)}/{len(records)} clients ok, "
-                     f"{entry['round_seconds']:.1f} s")
-
-        results_dict = {
-            "config": config.to_json(),
-            "runtime": "flower",
-            "memfl": {"torch": torch.__version__, "flwr": _flwr_version()},
-            "full_peak_bytes": full_peak,
-            "clients": [seen[cid] for cid in sorted(seen)],
-            "rounds": rounds,
-            "summary": summarize(rounds),
+                outcomes.append(Outcome(ins.client_id, "failed", where=where, extra=extra,
+                                        error=f"Flower error {reply.error.code}: {reply.error.reason}"))
+            else:
+                res, node_extra = content_to_result(reply.content)
+                metrics = reply.content[METRICS]
+                extra.update(round_trip_seconds=seconds,
+                             node={**node_extra, "serialize_seconds": metrics.get("serialize-seconds"),
+                                   "handler_seconds": metrics.get("handler-seconds")})
+                outcomes.append(Outcome(ins.client_id, "ok", result=res, where=where, extra=extra))
+        self._timing = {
+            "serialize_seconds": t_ser1 - t_ser0, "push_seconds": push_seconds,
+            "wait_seconds": t_deser0 - t_ser1 - push_seconds,
+            "deserialize_seconds": time.perf_counter() - t_deser0,
         }
-        (out / "results.json").write_text(json.dumps(results_dict, indent=1))
-        from memfl.report import plot_accuracy
-
-        if data is not None:
-            plot_accuracy([results_dict], out / "accuracy.png", labels=[f"{config.run.method} (Flower)"])
-        self.log(f"results in {out / 'results.json'}")
-        return results_dict
-
-    @staticmethod
-    def _client_entry(node: Node) -> dict[str, Any]:
-        c = node.client
-        return {"id": c.id, "device": c.device, "speed": c.speed, "budget_bytes": c.budget_bytes,
-                "num_samples": c.num_samples, "node_id": node.node_id,
-                "memory_mb": node.info.get("memory_mb"), "budget_source": node.info.get("budget_source"),
-                "machine": node.info.get("machine")}
+        return outcomes
 
 
 def _flwr_version() -> str:

@@ -1,0 +1,183 @@
+"""The ``"stage"`` engine: one ScaleFL client's training step for stage t (SPEC 2.2-2.4).
+
+:func:`prepare_stage` is the engine for ``Plan(kind="stage", stage=t)``. Blocks before t are frozen
+and run under ``torch.no_grad()`` in eval mode (no saved activations, no BN statistics update); the
+Training Harmonizer (:mod:`memfl.methods.scalefl.harmonizer`) co-trains block t-1's last layer
+with block t. The loss is ``CE(O_t(z_t), y)`` plus the Curriculum Mentor's
+:func:`~memfl.methods.scalefl.mentor.mentor_terms` (``beta_t nHSIC(X, Z_t) - gamma_t nHSIC(Y, P_t)``).
+The trainable set is block t, ``O_t`` (or the head at t = T), ``P_t`` when the mentor's gamma term
+is on, and the boundary layer; ``TrainStep.module`` holds only what stage t uses (blocks 1..t,
+``O_t``/head, ``P_t``): that is what the memory estimate counts, as a real client that received only
+those tensors.
+
+Plan options (``plan.options``; all optional): ``blocks`` (T, default 4), ``partition``
+(``"default"``/``"balanced"``) and ``batch_size`` (what ``balanced`` balances for, default 32),
+``input_shape`` (one sample's shape, for a model that does not record it in ``arch``), ``mentor``
+(bool, default True), ``beta``/``gamma`` (``[first, last]`` curriculum, see
+:func:`memfl.methods.scalefl.mentor.coefficients`), ``sigma``, ``harmonizer`` (bool, default True),
+``recompute_tail`` (bool, default True), ``metrics`` (bool, default True: report nHSIC(X, Z_t),
+nHSIC(Y, Z_t), nHSIC(Y, P_t)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfl.core.engine import TrainStep
+from memfl.core.protocol import Plan
+from memfl.methods.scalefl.harmonizer import HarmonizedTail, harmonizer_for
+from memfl.methods.scalefl.mentor import SIGMA, coefficients, mentor_terms, nhsic, one_hot
+from memfl.methods.scalefl.model import ScaleFLModel
+from memfl.methods.scalefl.output import pool_features
+
+#: mentor defaults (first block, last block), chosen by the search in docs/SCALEFL.md
+DEFAULT_BETA = (0.0, 0.1)
+DEFAULT_GAMMA = (0.3, 0.1)
+
+
+class StageModule(nn.Module):
+    """What a stage-t client holds: blocks 1..t, O_t (or the head) and P_t (memory accounting)."""
+
+    def __init__(self, units: list[nn.Module], out: nn.Module, proj: nn.Module | None) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.out = out
+        self.proj = proj
+
+
+def scalefl_options(plan: Plan) -> dict[str, Any]:
+    """The stage plan's options with their defaults (see the module docstring)."""
+    o = dict(plan.options or {})
+    return {
+        "blocks": int(o.get("blocks", 4)),
+        "partition": o.get("partition", "default"),
+        "batch_size": int(o.get("batch_size", 32)),
+        "input_shape": tuple(o["input_shape"]) if o.get("input_shape") else None,
+        "mentor": bool(o.get("mentor", True)),
+        "beta": tuple(o.get("beta", DEFAULT_BETA)),
+        "gamma": tuple(o.get("gamma", DEFAULT_GAMMA)),
+        "sigma": float(o.get("sigma", SIGMA)),
+        "harmonizer": bool(o.get("harmonizer", True)),
+        "recompute_tail": bool(o.get("recompute_tail", True)),
+        "metrics": bool(o.get("metrics", True)),
+    }
+
+
+def as_scalefl(model: nn.Module, plan: Plan) -> ScaleFLModel:
+    """``model`` itself when it is a :class:`ScaleFLModel` (checked against the plan's T), else a
+    ScaleFLModel adopting its modules (fresh output modules; for memory accounting and tests),
+    cached on ``model``."""
+    opts = scalefl_options(plan)
+    if isinstance(model, ScaleFLModel):
+        if "blocks" in (plan.options or {}) and opts["blocks"] != model.blocks_count:
+            raise ValueError(f"plan asks for {opts['blocks']} blocks but the model is cut into {model.blocks_count}")
+        return model
+    cached = getattr(model, "_scalefl_view", None)
+    key = (opts["blocks"], opts["partition"], opts["batch_size"], opts["input_shape"])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    view = ScaleFLModel(model, opts["blocks"], mode=opts["partition"], batch_size=opts["batch_size"],
+                        input_shape=opts["input_shape"])
+    object.__setattr__(model, "_scalefl_view", (key, view))  # not a submodule: no state-dict change
+    return view
+
+
+def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
+    """The ``"stage"`` engine: train ScaleFL stage ``plan.stage`` of ``model`` (see module doc).
+
+    model: a :class:`ScaleFLModel` (or a model it can adopt, see :func:`as_scalefl`). Returns the
+    :class:`TrainStep`; raises ValueError for a stage outside 1..T."""
+    sm = as_scalefl(model, plan)
+    opts = scalefl_options(plan)
+    T, t = sm.blocks_count, int(plan.stage)
+    if not 1 <= t <= T:
+        raise ValueError(f"stage {t} out of range: the model is cut into {T} blocks")
+    part = sm.partition
+    names = dict(sm.named_parameters())
+    param_name = {id(p): n for n, p in names.items()}
+
+    harm = harmonizer_for(sm, part, t, opts["harmonizer"])
+    out_module = sm.get_submodule(part.head) if t == T else sm.exits[str(t)]
+    mentor = opts["mentor"]
+    beta_t, gamma_t = coefficients(t, T, opts["beta"], opts["gamma"]) if mentor else (0.0, 0.0)
+    proj = sm.projs[str(t)] if (mentor and gamma_t != 0.0) else None
+
+    trained_units = list(part.groups[t - 1])
+    trainable: list[tuple[str, nn.Parameter]] = []
+    for u in trained_units:
+        trainable += [(f"{u}.{n}", p) for n, p in sm.get_submodule(u).named_parameters()]
+    trainable += [(n, p) for n, p in names.items() if harm.owns(n)]
+    for mod in (out_module, proj):
+        if mod is not None:
+            trainable += [(param_name[id(p)], p) for p in mod.parameters()]
+    sent_buffers = [k for k, _ in sm.named_buffers() if part.block_of(k) == t or harm.owns(k)]
+
+    wanted = {id(p) for _, p in trainable}
+    for p in sm.parameters():
+        p.requires_grad_(id(p) in wanted)
+
+    frozen_mods = [sm.get_submodule(u) for u in harm.frozen_units]
+    tail = HarmonizedTail(sm, harm, recompute=opts["recompute_tail"])
+    trained_mods = [sm.get_submodule(u) for u in trained_units]
+    stash: dict[str, torch.Tensor] = {}
+    sums = {"nhsic_xz": 0.0, "nhsic_yz": 0.0, "nhsic_yp": 0.0, "batches": 0}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        training = trained_mods[0].training if trained_mods else True
+        if training:
+            for m in frozen_mods:
+                m.eval()
+            tail.set_modes()
+        h = x
+        with torch.no_grad():
+            for m in frozen_mods:
+                h = m(h)
+        if tail:
+            h = tail(h)
+        for m in trained_mods:
+            h = m(h)
+        if t == T:
+            z, pooled = h, pool_features(h)
+            logits = out_module(h)
+        else:
+            z, pooled = out_module.features(h)
+            logits = out_module.fc(pooled)
+        stash["z"], stash["pooled"] = z, pooled
+        return logits
+
+    def extra_loss(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        z, pooled = stash.pop("z"), stash.pop("pooled")
+        if x.shape[0] < 2:
+            return logits.new_zeros(())
+        yh = one_hot(y, sm.num_classes)
+        p = proj(pooled) if proj is not None else None
+        terms = mentor_terms(x, z, yh, p, beta_t, gamma_t, opts["sigma"])
+        if opts["metrics"]:
+            with torch.no_grad():
+                xf, zf = x.reshape(x.shape[0], -1), z.reshape(z.shape[0], -1)
+                xz = terms.nhsic_xz
+                sums["nhsic_xz"] += float(xz.detach() if xz is not None else nhsic(xf, zf, opts["sigma"]))
+                sums["nhsic_yz"] += float(nhsic(yh, zf, opts["sigma"]))
+                if terms.nhsic_yp is not None:
+                    sums["nhsic_yp"] += float(terms.nhsic_yp.detach())
+                sums["batches"] += 1
+        return terms.loss
+
+    def metrics() -> dict[str, Any]:
+        n = sums["batches"]
+        out: dict[str, Any] = {"stage": t, "block": t, "beta_t": beta_t, "gamma_t": gamma_t,
+                               "harmonized": harm.boundary}
+        if n:
+            out["nhsic_xz"] = sums["nhsic_xz"] / n
+            out["nhsic_yz"] = sums["nhsic_yz"] / n
+            if proj is not None:
+                out["nhsic_yp"] = sums["nhsic_yp"] / n
+        return out
+
+    held = StageModule([sm.get_submodule(u) for g in part.groups[:t] for u in g], out_module, proj)
+    return TrainStep(module=held, trainable=trainable, forward=forward,
+                     extra_loss=extra_loss if (mentor or opts["metrics"]) else None,
+                     sent_buffers=sent_buffers, metrics=metrics)

@@ -1,0 +1,125 @@
+"""The one round loop, for every runtime.
+
+In: the config, the server's set-up (:func:`memfl.server.setup.set_up_server`: strategy, initial or
+resumed parameters and rounds), the checkpoint it was resumed from, an :class:`~memfl.server.executor.Executor`
+(how instructions reach clients), the test set if this process has one, a
+:class:`~memfl.server.progress.Reporter` and an optional ``on_round`` callback.
+Out: the results dict (:mod:`memfl.server.records`), also written to ``<out>/results.json``, with
+the accuracy plot in ``<out>/accuracy.png`` (when a test set exists).
+
+Per round: ``executor.clients`` (who is available, with the budget to plan with) ->
+``strategy.configure_train`` (selection and plans) -> ``executor.run`` (one outcome per
+instruction) -> validate (one outcome per instruction, for the instruction's client) ->
+``strategy.aggregate_train`` over the ok results -> evaluate every ``run.eval_every`` rounds and
+the last (when a test set exists) -> records (the same fields on every runtime) and the virtual
+clock -> checkpoint (the global model, the rounds so far, the strategy's state) -> progress ->
+``on_round(entry)``.
+
+Caveats: a round's ``round_seconds`` and ``timing`` are wall time of this process and differ run to
+run (they are not part of what a resumed run must reproduce); an exception from ``on_round`` stops
+the run after the round's checkpoint was written, so running again resumes after that round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from memfl.config import Config
+from memfl.core.protocol import Result
+from memfl.core.trainer import evaluate
+from memfl.data import Dataset
+from memfl.server.checkpoint import Checkpoint
+from memfl.server.executor import Candidate, Executor
+from memfl.server.progress import Reporter
+from memfl.server.records import client_entry, client_record, round_entry, summarize
+from memfl.server.setup import ServerSetup
+
+
+def run_rounds(config: Config, setup: ServerSetup, checkpoint: Checkpoint, executor: Executor, *,
+               test: Dataset | None, reporter: Reporter,
+               on_round: Callable[[dict[str, Any]], None] | None = None,
+               plot_label: str | None = None) -> dict[str, Any]:
+    """Run the rounds left after ``setup.rounds`` up to ``config.run.rounds``; return the results.
+
+    ``test``: the data set whose test split evaluates the global model (``None``: no evaluation,
+    accuracy and loss stay ``None``; the Flower server may lack the data). ``plot_label``: the
+    accuracy plot's legend (default: the method).
+    """
+    out = Path(config.run.out)
+    strategy, params, rounds = setup.strategy, setup.params, setup.rounds
+    global_model = setup.global_model.to(config.run.device)  # evaluated, loaded with params
+    total = config.run.rounds
+    virtual_total = rounds[-1]["virtual_seconds"] if rounds else 0.0
+    if rounds:
+        reporter.note(f"resuming {out} after round {len(rounds)}")
+    with reporter:
+        reporter.start(total, len(rounds))
+        for rnd in range(len(rounds) + 1, total + 1):
+            t0 = time.perf_counter()
+            candidates = executor.clients(rnd)
+            if not candidates:
+                reporter.note(f"round {rnd}: no client is available")
+            by_id: dict[int, Candidate] = {c.info.id: c for c in candidates}
+            t_plan = time.perf_counter()
+            instructions = strategy.configure_train(rnd, params, [c.for_planning() for c in candidates])
+            t_run = time.perf_counter()
+            outcomes = executor.run(rnd, instructions)
+            t_validate = time.perf_counter()
+            if len(outcomes) != len(instructions):
+                raise RuntimeError(f"round {rnd}: the {executor.runtime} executor returned {len(outcomes)} "
+                                   f"outcomes for {len(instructions)} instructions")
+            results: list[Result] = []
+            records: list[dict[str, Any]] = []
+            for ins, outcome in zip(instructions, outcomes, strict=True):
+                if outcome.client_id != ins.client_id or ins.client_id not in by_id:
+                    raise RuntimeError(f"round {rnd}: an outcome for client {outcome.client_id} answers the "
+                                       f"instruction for client {ins.client_id}")
+                if outcome.status == "ok":
+                    results.append(outcome.result)
+                elif outcome.status == "failed":
+                    where = f" ({outcome.where})" if outcome.where else ""
+                    reporter.warn(f"round {rnd}: client {ins.client_id}{where} failed: {outcome.error}")
+                records.append(client_record(ins, by_id[ins.client_id], outcome))
+            t_agg = time.perf_counter()
+            params = strategy.aggregate_train(rnd, params, results)
+            t_eval = time.perf_counter()
+            accuracy = loss = None
+            if test is not None and (rnd % config.run.eval_every == 0 or rnd == total):
+                global_model.load_state_dict(params)
+                accuracy, loss = evaluate(global_model, test.test_x, test.test_y, device=config.run.device)
+            t_end = time.perf_counter()
+            entry = round_entry(rnd, records, strategy.round_report(rnd), accuracy, loss, virtual_total)
+            virtual_total = entry["virtual_seconds"]
+            entry["round_seconds"] = t_end - t0
+            entry["timing"] = {
+                "clients_seconds": t_plan - t0, "plan_seconds": t_run - t_plan, "run_seconds": t_validate - t_run,
+                "validate_seconds": t_agg - t_validate, "aggregate_seconds": t_eval - t_agg,
+                "evaluate_seconds": t_end - t_eval, **executor.timing(),
+            }
+            rounds.append(entry)
+            checkpoint.save(params, {"config": config.to_json(), "rounds": rounds, "strategy": strategy.state_dict()})
+            reporter.round_done(entry, total)
+            if on_round:
+                on_round(entry)
+
+        results_dict = {
+            "config": config.to_json(),
+            "runtime": executor.runtime,
+            "memfl": {"torch": torch.__version__, **executor.versions},
+            "full_peak_bytes": setup.full_peak,
+            "clients": [client_entry(c) for c in executor.roster()],
+            "rounds": rounds,
+            "summary": summarize(rounds),
+        }
+        (out / "results.json").write_text(json.dumps(results_dict, indent=1))
+        if test is not None:
+            from memfl.report import plot_accuracy
+
+            plot_accuracy([results_dict], out / "accuracy.png", labels=[plot_label or config.run.method])
+        reporter.finished(str(out / "results.json"))
+    return results_dict
