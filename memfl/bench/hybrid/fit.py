@@ -251,7 +251,7 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
     ]
     for r in s["rows"]:
         head = f"| {r['fraction']:.0%} ({mb(r['budget_bytes'])} MB) "
-        yn = lambda k: "yes" if r[k] else "no"  # noqa: E731
+        yn = lambda k, r=r: "yes" if r[k] else "no"  # noqa: E731
         base = (f"| {yn('recompute_all_fits')} / {yn('recompute_all_fused_fits')} | "
                 f"{yn('uniform_2bit_fits')} / {yn('uniform_2bit_fused_fits')} |")
         if not r["feasible"]:
