@@ -16,9 +16,9 @@ FEATURES, CLASSES = 32, 4
 
 def make_mlp(width: float = 1.0) -> nn.Module:
     hidden = max(2, int(256 * width))
-    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(),
-                         nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, CLASSES))
+    return nn.Sequential(
+        nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES)
+    )
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,18 +32,24 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 if __name__ == "__main__":  # memfl.measure spawns a child that re-imports this file
     x_train, y_train = make_data(2000, seed=1)
     x_test, y_test = make_data(500, seed=2)
-    results = memfl.run(make_mlp, train=(x_train, y_train), test=(x_test, y_test),
-                        method="heterofl", clients=20, per_round=5, rounds=5,
-                        partition="dirichlet:0.5", budgets="relative:0.3-1.1", lr=0.05,
-                        out="results/tabular_mlp")
+    results = memfl.run(
+        make_mlp,
+        train=(x_train, y_train),
+        test=(x_test, y_test),
+        method="heterofl",
+        clients=20,
+        per_round=5,
+        rounds=5,
+        partition="dirichlet:0.5",
+        budgets="relative:0.3-1.1",
+        lr=0.05,
+        out="results/tabular_mlp",
+    )
     for r in results["rounds"]:
-        print(f"round {r['round']}: accuracy {r['accuracy']:.3f}, plans "
-              f"{sorted({c['plan'] for c in r['clients']})}")
+        print(f"round {r['round']}: accuracy {r['accuracy']:.3f}, plans {sorted({c['plan'] for c in r['clients']})}")
 
-    est = memfl.estimate(make_mlp(), (32, FEATURES))           # predicted, no training
-    meas = memfl.measure(make_mlp, (32, FEATURES))              # measured in a fresh process
-    print(f"peak at batch 32: estimated {est.peak_bytes / 2**20:.2f} MiB, "
-          f"measured {meas.peak_bytes / 2**20:.2f} MiB")
+    est = memfl.estimate(make_mlp(), (32, FEATURES))  # predicted, no training
+    meas = memfl.measure(make_mlp, (32, FEATURES))  # measured in a fresh process
+    print(f"peak at batch 32: estimated {est.peak_bytes / 2**20:.2f} MiB, measured {meas.peak_bytes / 2**20:.2f} MiB")
     choice = memfl.plan(make_mlp, (32, FEATURES), "1.5x", timing=False)  # FedHybrid's planner
-    print(f"plan for 1.5x the full peak: {choice.plan.label}, "
-          f"predicted {choice.predicted_peak_bytes / 2**20:.2f} MiB")
+    print(f"plan for 1.5x the full peak: {choice.plan.label}, predicted {choice.predicted_peak_bytes / 2**20:.2f} MiB")

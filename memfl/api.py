@@ -66,10 +66,20 @@ def _config_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f"config must be a memfl Config, a dict or a TOML path, got {type(config).__name__}")
 
 
-def run(model_fn: Callable[..., nn.Module] | None = None, train: Any = None, test: Any = None, *,
-        method: str | None = None, config: Any = None, out: str | Path | None = None,
-        num_classes: int | None = None, progress: bool = False, console: Any = None,
-        on_round: Callable[[dict[str, Any]], None] | None = None, **settings: Any) -> dict[str, Any]:
+def run(
+    model_fn: Callable[..., nn.Module] | None = None,
+    train: Any = None,
+    test: Any = None,
+    *,
+    method: str | None = None,
+    config: Any = None,
+    out: str | Path | None = None,
+    num_classes: int | None = None,
+    progress: bool = False,
+    console: Any = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
     """Run a federated experiment on your own model and data; return the results dict.
 
     model_fn:    a zero-argument callable returning an ``nn.Module`` (logits ``(batch, classes)``);
@@ -110,8 +120,10 @@ def run(model_fn: Callable[..., nn.Module] | None = None, train: Any = None, tes
     for key, value in settings.items():
         if key in sections:
             if not isinstance(value, dict):
-                raise ConfigError(f"invalid configuration (memfl.run): {key}: expected a dict of "
-                                  f"[{key}] keys, got {type(value).__name__}")
+                raise ConfigError(
+                    f"invalid configuration (memfl.run): {key}: expected a dict of "
+                    f"[{key}] keys, got {type(value).__name__}"
+                )
             data.setdefault(key, {}).update(value)
         elif key in run_keys:
             data.setdefault("run", {})[key] = value
@@ -121,14 +133,17 @@ def run(model_fn: Callable[..., nn.Module] | None = None, train: Any = None, tes
             raise ConfigError(
                 f"invalid configuration (memfl.run): {key}: unknown setting; expected a [run] key "
                 f"({', '.join(sorted(run_keys))}), a [train] key ({', '.join(sorted(train_keys))}) or a "
-                f"section dict ({', '.join(sorted(sections))}=dict(...))")
+                f"section dict ({', '.join(sorted(sections))}=dict(...))"
+            )
     run_section = data.setdefault("run", {})
     if method is not None:
         run_section["method"] = method
     if model_fn is not None:
         if isinstance(model_fn, nn.Module) or not callable(model_fn):
-            raise TypeError("model_fn must be a zero-argument callable returning an nn.Module (a "
-                            "function or class), not a model instance: e.g. memfl.run(lambda: MyNet(), ...)")
+            raise TypeError(
+                "model_fn must be a zero-argument callable returning an nn.Module (a "
+                "function or class), not a model instance: e.g. memfl.run(lambda: MyNet(), ...)"
+            )
         run_section["model"] = _import_path(model_fn) or "custom"
     dataset: Dataset | None = None
     if train is not None or test is not None:
@@ -149,20 +164,19 @@ def run(model_fn: Callable[..., nn.Module] | None = None, train: Any = None, tes
             raise TypeError(
                 f"method {chosen!r} trains width-scaled sub-models, so model_fn must take a "
                 f"`width` keyword: define `def {name}(width=1.0): ...` scaling the hidden sizes by "
-                f"width (e.g. nn.Linear(F, int(64 * width))), or choose another method")
+                f"width (e.g. nn.Linear(F, int(64 * width))), or choose another method"
+            )
         cfg = build_config(data, source="memfl.run")
         build: Callable[[Plan], nn.Module] | None = None
         if model_fn is not None:
             build = _builder(model_fn, cfg, dataset)
-        return run_experiment(cfg, data=dataset, model_fn=build, console=console, progress=progress,
-                              on_round=on_round)
+        return run_experiment(cfg, data=dataset, model_fn=build, console=console, progress=progress, on_round=on_round)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def _builder(model_fn: Callable[..., nn.Module], cfg: Config,
-             dataset: Dataset | None) -> Callable[[Plan], nn.Module]:
+def _builder(model_fn: Callable[..., nn.Module], cfg: Config, dataset: Dataset | None) -> Callable[[Plan], nn.Module]:
     """plan -> the user's model (``width`` for width plans), tagged with the input spec."""
     spec = input_spec(None, dataset.example) if dataset is not None and dataset.example is not None else None
 
@@ -186,15 +200,20 @@ def _check_model(build: Callable[[Plan], nn.Module], data: Dataset) -> None:
         try:
             logits = model(data.train_x[:2])
         except Exception as err:
-            raise ValueError(f"model_fn's model fails on the training inputs (a batch of shape "
-                             f"{tuple(data.train_x[:2].shape)}, {data.train_x.dtype}): "
-                             f"{type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"model_fn's model fails on the training inputs (a batch of shape "
+                f"{tuple(data.train_x[:2].shape)}, {data.train_x.dtype}): "
+                f"{type(err).__name__}: {err}"
+            ) from err
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != min(2, data.num_train):
-        raise ValueError(f"model_fn's model must return logits (batch, classes); got "
-                         f"{getattr(logits, 'shape', type(logits).__name__)} for a batch of 2")
+        raise ValueError(
+            f"model_fn's model must return logits (batch, classes); got "
+            f"{getattr(logits, 'shape', type(logits).__name__)} for a batch of 2"
+        )
     if logits.shape[1] < data.num_classes:
-        raise ValueError(f"model_fn's model has {logits.shape[1]} outputs but the labels have "
-                         f"{data.num_classes} classes")
+        raise ValueError(
+            f"model_fn's model has {logits.shape[1]} outputs but the labels have {data.num_classes} classes"
+        )
 
 
 def _as_model(model: Any) -> nn.Module:
@@ -205,9 +224,16 @@ def _as_model(model: Any) -> nn.Module:
     raise TypeError(f"expected an nn.Module or a zero-argument model builder, got {type(model).__name__}")
 
 
-def estimate(model: nn.Module | Callable[[], nn.Module], input_shape: tuple[int, ...], *,
-             optimizer: str = "sgd", plan: Plan | None = None, momentum: float = 0.9,
-             weight_decay: float = 0.0, example: torch.Tensor | InputSpec | None = None) -> MemoryEstimate:
+def estimate(
+    model: nn.Module | Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    optimizer: str = "sgd",
+    plan: Plan | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    example: torch.Tensor | InputSpec | None = None,
+) -> MemoryEstimate:
     """Predict the peak memory (bytes) of one local training step, without training.
 
     model:       an ``nn.Module`` (left untouched: a copy is profiled) or a zero-argument builder.
@@ -222,14 +248,30 @@ def estimate(model: nn.Module | Callable[[], nn.Module], input_shape: tuple[int,
     Returns a :class:`~memfl.memory.MemoryEstimate`: ``peak_bytes`` and ``breakdown()`` (parameters,
     gradients, optimizer state, activations, transient, overhead).
     """
-    return _estimate(_as_model(model), tuple(input_shape), optimizer=optimizer, plan=plan,
-                     momentum=momentum, weight_decay=weight_decay, example=example)
+    return _estimate(
+        _as_model(model),
+        tuple(input_shape),
+        optimizer=optimizer,
+        plan=plan,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        example=example,
+    )
 
 
-def measure(model_fn: Callable[[], nn.Module], input_shape: tuple[int, ...], *, optimizer: str = "sgd",
-            plan: Plan | None = None, steps: int = 3, device: str = "cpu", momentum: float = 0.9,
-            weight_decay: float = 0.0, example: torch.Tensor | InputSpec | None = None,
-            timeout: float = 600) -> MemoryMeasurement:
+def measure(
+    model_fn: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    optimizer: str = "sgd",
+    plan: Plan | None = None,
+    steps: int = 3,
+    device: str = "cpu",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    example: torch.Tensor | InputSpec | None = None,
+    timeout: float = 600,
+) -> MemoryMeasurement:
     """Measure the real peak memory of ``steps`` training steps of ``model_fn()`` in a fresh process.
 
     model_fn:    a *picklable* zero-argument builder (a module-level function or class, or a
@@ -243,9 +285,18 @@ def measure(model_fn: Callable[[], nn.Module], input_shape: tuple[int, ...], *, 
     ``step_seconds``...); raises :class:`~memfl.memory.MeasurementError` if the child fails.
     """
     spec = input_spec(None, example) if example is not None and not isinstance(example, InputSpec) else example
-    return _measure(model_fn, tuple(input_shape), optimizer=optimizer, plan=plan, steps=steps,
-                    device=device, momentum=momentum, timeout=timeout, weight_decay=weight_decay,
-                    example=spec)
+    return _measure(
+        model_fn,
+        tuple(input_shape),
+        optimizer=optimizer,
+        plan=plan,
+        steps=steps,
+        device=device,
+        momentum=momentum,
+        timeout=timeout,
+        weight_decay=weight_decay,
+        example=spec,
+    )
 
 
 @dataclass
@@ -270,9 +321,17 @@ class PlanResult:
         return int(self.choice.predicted_peak_bytes)
 
 
-def plan(model_fn: Callable[[], nn.Module], input_shape: tuple[int, ...], budget: int | str, *,
-         optimizer: str = "sgd", momentum: float = 0.9, speed: float = 1.0, timing: bool = True,
-         **kw: Any) -> PlanResult:
+def plan(
+    model_fn: Callable[[], nn.Module],
+    input_shape: tuple[int, ...],
+    budget: int | str,
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    speed: float = 1.0,
+    timing: bool = True,
+    **kw: Any,
+) -> PlanResult:
     """FedHybrid's planner: the cheapest per-segment plan (recompute / compress / full) whose peak
     fits ``budget``.
 
@@ -291,6 +350,7 @@ def plan(model_fn: Callable[[], nn.Module], input_shape: tuple[int, ...], budget
 
     if not callable(model_fn) or isinstance(model_fn, nn.Module):
         raise TypeError("plan: model_fn must be a zero-argument model builder, not a model instance")
-    choice, profile, full_peak = solve_for_model(model_fn, tuple(input_shape), budget, optimizer=optimizer,
-                                                 momentum=momentum, speed=speed, timing=timing, **kw)
+    choice, profile, full_peak = solve_for_model(
+        model_fn, tuple(input_shape), budget, optimizer=optimizer, momentum=momentum, speed=speed, timing=timing, **kw
+    )
     return PlanResult(choice.plan, choice, profile, int(full_peak))

@@ -87,8 +87,10 @@ class RunConfig(Section):
             import_object(v, "run.model")
             return v
         if v not in MODEL_NAMES and v != "custom":
-            raise ValueError(f"unknown model {v!r}; expected one of {', '.join(MODEL_NAMES)}, "
-                             f"or 'package.module:function' (a model builder)")
+            raise ValueError(
+                f"unknown model {v!r}; expected one of {', '.join(MODEL_NAMES)}, "
+                f"or 'package.module:function' (a model builder)"
+            )
         return v
 
     @field_validator("dataset")
@@ -101,8 +103,10 @@ class RunConfig(Section):
             import_object(v, "run.dataset")
             return v
         if v not in DATASETS and v not in ("synthetic", "custom"):
-            raise ValueError(f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}, "
-                             f"synthetic, or 'package.module:function' (returning the data)")
+            raise ValueError(
+                f"unknown dataset {v!r}; expected one of {', '.join(DATASETS)}, "
+                f"synthetic, or 'package.module:function' (returning the data)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -113,9 +117,11 @@ class RunConfig(Section):
             from memfl.models.user import accepts_width
 
             if not accepts_width(import_object(self.model, "run.model")):
-                raise ValueError(f"run.model {self.model!r} takes no `width` keyword, which method "
-                                 f"heterofl needs to build width-scaled sub-models; add a "
-                                 f"`width=1.0` parameter that scales the hidden sizes")
+                raise ValueError(
+                    f"run.model {self.model!r} takes no `width` keyword, which method "
+                    f"heterofl needs to build width-scaled sub-models; add a "
+                    f"`width=1.0` parameter that scales the hidden sizes"
+                )
         return self
 
 
@@ -150,7 +156,9 @@ class _Config(Section):
 #: registered (``[scalefl]``, ``[heterofl]``, ``[fedhybrid]``; :func:`memfl.core.registry.register_method`).
 #: Built once, when this module is imported, after ``memfl.methods`` has registered the shipped methods.
 Config = create_model(
-    "Config", __base__=_Config, __module__=__name__,
+    "Config",
+    __base__=_Config,
+    __module__=__name__,
     **{name: (section, Field(default_factory=section)) for name, section in CONFIG_SECTIONS.items()},
 )
 

@@ -16,9 +16,20 @@ def small_config(tmp_path):
 
     def make(**run):
         cfg = {
-            "run": {"method": "fedavg", "model": "cnn", "dataset": "synthetic", "clients": 6, "per_round": 3,
-                    "rounds": 2, "partition": "iid", "budgets": "relative:0.5-1.5", "seed": 1,
-                    "out": str(tmp_path / "run"), "model_width": 0.25, **run},
+            "run": {
+                "method": "fedavg",
+                "model": "cnn",
+                "dataset": "synthetic",
+                "clients": 6,
+                "per_round": 3,
+                "rounds": 2,
+                "partition": "iid",
+                "budgets": "relative:0.5-1.5",
+                "seed": 1,
+                "out": str(tmp_path / "run"),
+                "model_width": 0.25,
+                **run,
+            },
             "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05, "max_steps": 4},
         }
         return build_config(cfg)

@@ -1,7 +1,7 @@
 import torch
 
-from memfl.core.protocol import Result
 from memfl.core.aggregate import fedavg
+from memfl.core.protocol import Result
 
 
 def _res(cid, samples, **tensors):
@@ -10,8 +10,13 @@ def _res(cid, samples, **tensors):
 
 def test_weighted_average_and_partial_sends():
     g = {"a": torch.zeros(2), "b": torch.ones(2), "n": torch.tensor(3)}
-    out = fedavg(g, [_res(0, 1, a=torch.tensor([1.0, 1.0]), n=torch.tensor(5)),
-                     _res(1, 3, a=torch.tensor([5.0, 9.0]), n=torch.tensor(4))])
+    out = fedavg(
+        g,
+        [
+            _res(0, 1, a=torch.tensor([1.0, 1.0]), n=torch.tensor(5)),
+            _res(1, 3, a=torch.tensor([5.0, 9.0]), n=torch.tensor(4)),
+        ],
+    )
     assert torch.allclose(out["a"], torch.tensor([4.0, 7.0]))
     assert torch.equal(out["b"], g["b"])  # nobody trained it: unchanged
     assert int(out["n"]) == 5 and out["n"].dtype == g["n"].dtype

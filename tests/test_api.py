@@ -99,10 +99,11 @@ def test_run_torch_dataset_and_tokens(tmp_path):
     """Token ids (N, T) int64 with an embedding model, given as a torch Dataset."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 50, (120, 8), generator=g)
-    y = (x[:, 0] % 3)
+    y = x[:, 0] % 3
     train = torch.utils.data.TensorDataset(x[:96], y[:96])
-    res = memfl.run(_make_tokens, train=train, test=(x[96:], y[96:]), method="fedavg", out=tmp_path,
-                    **{**TINY, "rounds": 1})
+    res = memfl.run(
+        _make_tokens, train=train, test=(x[96:], y[96:]), method="fedavg", out=tmp_path, **{**TINY, "rounds": 1}
+    )
     assert _ok(res) and res["full_peak_bytes"] > 0
 
 

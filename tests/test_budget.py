@@ -22,8 +22,10 @@ def test_traces_are_bounded_deterministic_and_kind_specific():
     b = contention_trace("phone", 2000, np.random.default_rng(1))
     assert np.array_equal(a, b)
     assert a.shape == (2000,) and a.min() >= 0 and a.max() <= CONTENTION["phone"].max_share
-    vol = {k: np.mean([np.std(np.diff(contention_trace(k, 2000, np.random.default_rng(s))))
-                       for s in range(10)]) for k in CONTENTION}
+    vol = {
+        k: np.mean([np.std(np.diff(contention_trace(k, 2000, np.random.default_rng(s)))) for s in range(10)])
+        for k in CONTENTION
+    }
     assert vol["phone"] > vol["laptop"] > vol["board"]
     with pytest.raises(ValueError, match="device kind"):
         contention_trace("toaster", 10, np.random.default_rng(0))

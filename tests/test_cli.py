@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -14,7 +13,8 @@ def test_memory_json(capsys):
     assert main(["memory", "--model", "cnn", "--input", "1x28x28", "--batch", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["peak_bytes"] > 0 and out["peak_bytes"] >= sum(
-        out["breakdown"][k] for k in ("parameters", "gradients", "optimizer_state", "activations"))
+        out["breakdown"][k] for k in ("parameters", "gradients", "optimizer_state", "activations")
+    )
     assert "measured_peak_bytes" not in out
 
 
@@ -25,13 +25,16 @@ def test_memory_measure_json(capsys):
     assert abs(out["peak_bytes"] - out["measured_peak_bytes"]) / out["measured_peak_bytes"] < 0.25
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["memory", "--model", "nope", "--input", "1x28x28"], "--model"),
-    (["memory", "--model", "cnn", "--input", "28x28"], "CxHxW"),
-    (["memory", "--model", "cnn", "--input", "1x28x28", "--plan", "stage"], "--plan"),
-    (["run", "--clients", "0"], "run.clients"),
-    (["run", "--partition", "dirichlet:x"], "partition"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["memory", "--model", "nope", "--input", "1x28x28"], "--model"),
+        (["memory", "--model", "cnn", "--input", "28x28"], "CxHxW"),
+        (["memory", "--model", "cnn", "--input", "1x28x28", "--plan", "stage"], "--plan"),
+        (["run", "--clients", "0"], "run.clients"),
+        (["run", "--partition", "dirichlet:x"], "partition"),
+    ],
+)
 def test_bad_input_is_a_clear_error(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -53,8 +56,26 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
 
 def test_run_and_report_end_to_end(tmp_path, capsys):
     out = tmp_path / "r"
-    argv = ["run", "--dataset", "synthetic", "--clients", "4", "--per-round", "2", "--rounds", "2",
-            "--partition", "iid", "--max-steps", "2", "--batch-size", "8", "--out", str(out), "--quiet"]
+    argv = [
+        "run",
+        "--dataset",
+        "synthetic",
+        "--clients",
+        "4",
+        "--per-round",
+        "2",
+        "--rounds",
+        "2",
+        "--partition",
+        "iid",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
     assert len(data["rounds"]) == 2 and (out / "accuracy.png").exists()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from memfl.core.protocol import Plan
 from memfl.methods.fedhybrid.compress import (
     Compressor,
     allocate_bits,
@@ -18,7 +19,6 @@ from memfl.methods.fedhybrid.compress import (
 from memfl.methods.fedhybrid.engine import prepare_hybrid
 from memfl.methods.fedhybrid.profile import profile_model, segments_of
 from memfl.models.base import ConvBNReLU
-from memfl.core.protocol import Plan
 
 
 def _step_view(p, shape):
@@ -74,7 +74,7 @@ def test_stochastic_rounding_is_unbiased():
     step = _step_view(quantize(x, 2, mixed=False), x.shape)
     err = (acc / n - x) / step  # in quantisation steps, per element
     # each element: mean of n values in {floor, floor + 1}: standard error <= 0.5 / sqrt(n)
-    se = 0.5 / n ** 0.5
+    se = 0.5 / n**0.5
     assert abs(float(err.mean())) < 4 * se / err.numel() ** 0.5 + 1 / 512  # no systematic bias
     assert float(err.abs().max()) < 6 * se  # no element is biased either
     # deterministic rounding to nearest would be biased by up to half a step for some elements
@@ -87,7 +87,7 @@ def test_integer_saved_tensors_are_narrowed_losslessly():
     p = narrow_int(idx)
     assert p is not None and p.nbytes == idx.numel() * 2
     assert torch.equal(p.unpack(), idx) and p.unpack().dtype == torch.int64
-    assert narrow_int(torch.full((4, 300), 2 ** 20)) is None
+    assert narrow_int(torch.full((4, 300), 2**20)) is None
 
 
 def test_a_tensor_saved_twice_is_packed_once():
@@ -101,14 +101,19 @@ def test_a_tensor_saved_twice_is_packed_once():
 
 # ------------------------------------------------------------------------------- the hybrid engine
 
+
 def _block_model():
     from memfl.models import BlockModel
     from memfl.models.base import classifier_head
 
     torch.manual_seed(0)
-    return BlockModel([nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
-                       nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16))],
-                      classifier_head(16, 4))
+    return BlockModel(
+        [
+            nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
+            nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16)),
+        ],
+        classifier_head(16, 4),
+    )
 
 
 def _grads(model, plan, x, y):
@@ -194,12 +199,18 @@ def test_training_with_4bit_activations_converges():
 
     def train(plan):
         torch.manual_seed(0)
-        model = nn.Sequential(ConvBNReLU(3, 16), ConvBNReLU(16, 16), ConvBNReLU(16, 16),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, classes))
+        model = nn.Sequential(
+            ConvBNReLU(3, 16),
+            ConvBNReLU(16, 16),
+            ConvBNReLU(16, 16),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+            nn.Linear(16, classes),
+        )
         step = prepare_hybrid(model, plan)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = []
-        for it in range(60):
+        for _ in range(60):
             idx = torch.randint(0, n, (32,))
             opt.zero_grad()
             with step.saved_tensors():
@@ -221,6 +232,7 @@ def test_training_with_4bit_activations_converges():
 
 # ------------------------------------------------------------------- users' own models (memfl.run)
 
+
 class _MeanPool(nn.Module):
     def forward(self, h):
         return h.mean(dim=1)
@@ -229,8 +241,13 @@ class _MeanPool(nn.Module):
 class _TokenNet(nn.Module):  # not an nn.Sequential: its forward is its children in order
     def __init__(self):
         super().__init__()
-        self.emb, self.mix, self.act, self.pool, self.fc = (nn.Embedding(30, 16), nn.Linear(16, 16), nn.ReLU(),
-                                                            _MeanPool(), nn.Linear(16, 3))
+        self.emb, self.mix, self.act, self.pool, self.fc = (
+            nn.Embedding(30, 16),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            _MeanPool(),
+            nn.Linear(16, 3),
+        )
 
     def forward(self, x):
         return self.fc(self.pool(self.act(self.mix(self.emb(x)))))
@@ -240,12 +257,23 @@ def _user_models():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     mlp = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
-    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 3))
-    return {"mlp": (mlp, torch.randn(8, 12, generator=g)),
-            "tokens": (_TokenNet(), torch.randint(0, 30, (8, 7), generator=g)),
-            "cnn": (cnn, torch.randn(8, 1, 20, 36, generator=g))}
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(16, 3),
+    )
+    return {
+        "mlp": (mlp, torch.randn(8, 12, generator=g)),
+        "tokens": (_TokenNet(), torch.randint(0, 30, (8, 7), generator=g)),
+        "cnn": (cnn, torch.randn(8, 1, 20, 36, generator=g)),
+    }
 
 
 @pytest.mark.parametrize("kind", ["mlp", "tokens", "cnn"])
@@ -260,8 +288,11 @@ def test_user_models_are_profiled_and_trained_segment_by_segment(kind):
     prof = profile_model(model, tuple(x.shape), timing=False)
     assert [s.name for s in prof.segments] == names
     weighted = [n for n, m in model.named_children() if any(True for _ in m.parameters())]
-    plans = {"keep": {}, "recompute": {weighted[0]: "recompute"},
-             "q4": {weighted[1] if kind != "tokens" else "mix": "q4"}}
+    plans = {
+        "keep": {},
+        "recompute": {weighted[0]: "recompute"},
+        "q4": {weighted[1] if kind != "tokens" else "mix": "q4"},
+    }
     ref = None
     for label, segments in plans.items():
         assert plan_memory(prof, segments)["peak_bytes"] > 0

@@ -32,13 +32,16 @@ def test_unknown_section(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("run.partition", "dirichlet", "partition"),
-    ("run.budgets", "relative:2-1", "budgets"),
-    ("run.method", "nope", "method"),
-    ("run.model", "resnet99", "model"),
-    ("train.lr", -1.0, "train.lr"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("run.partition", "dirichlet", "partition"),
+        ("run.budgets", "relative:2-1", "budgets"),
+        ("run.method", "nope", "method"),
+        ("run.model", "resnet99", "model"),
+        ("train.lr", -1.0, "train.lr"),
+    ],
+)
 def test_bad_values_are_refused(key, value, needle):
     with pytest.raises(ConfigError, match=needle):
         with_overrides(build_config(), {key: value})
@@ -64,8 +67,8 @@ def test_import_path_model_and_dataset(tmp_path, monkeypatch):
     import pytest
 
     from memfl.config import ConfigError, build_config
-    from memfl.server.setup import load_data, model_builder
     from memfl.core.protocol import Plan
+    from memfl.server.setup import load_data, model_builder
 
     (tmp_path / "usermod_cfg.py").write_text(
         "import torch\n"
@@ -76,7 +79,8 @@ def test_import_path_model_and_dataset(tmp_path, monkeypatch):
         "def data():\n"
         "    x = torch.randn(20, 6); y = torch.arange(20) % 2\n"
         "    return (x[:16], y[:16]), (x[16:], y[16:])\n"
-        "NOT_CALLABLE = 3\n")
+        "NOT_CALLABLE = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = build_config({"run": {"model": "usermod_cfg:make", "dataset": "usermod_cfg:data", "method": "heterofl"}})
     data = load_data(cfg)

@@ -74,8 +74,10 @@ def write_mnist_set(folder: Path, *, n_train=24, n_test=12, gz=True, seed=0, hw=
 
 
 def cifar_batch_bytes(data: np.ndarray, labels, key: bytes) -> bytes:
-    return pickle.dumps({b"batch_label": b"test", key: list(map(int, labels)), b"data": data,
-                         b"filenames": [b"x.png"] * len(labels)}, protocol=2)
+    return pickle.dumps(
+        {b"batch_label": b"test", key: list(map(int, labels)), b"data": data, b"filenames": [b"x.png"] * len(labels)},
+        protocol=2,
+    )
 
 
 def write_cifar10(folder: Path, per_batch=4, seed=0):
@@ -288,8 +290,10 @@ def test_unknown_dataset_name():
         load_dataset("imagenet")
 
 
-@pytest.mark.skipif(not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian package dataset-fashion-mnist not installed (/usr/share/datasets/fashion-mnist)")
+@pytest.mark.skipif(
+    not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist not installed (/usr/share/datasets/fashion-mnist)",
+)
 def test_real_fashion_mnist(monkeypatch):
     monkeypatch.setattr(ds_mod, "SYSTEM_DATA_ROOTS", (REAL_FMNIST.parent,))
     ds = load_dataset("fashion-mnist", download=False)  # found through the system folder
@@ -549,8 +553,22 @@ def test_too_few_samples():
         partition(np.arange(5) % 2, 6, "iid")
 
 
-@pytest.mark.parametrize("bad", ["", "IID2", "dirichlet", "dirichlet:", "dirichlet:0", "dirichlet:-1",
-                                 "dirichlet:abc", "classes:0", "classes:1.5", "shards:2", "classes:-2"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "IID2",
+        "dirichlet",
+        "dirichlet:",
+        "dirichlet:0",
+        "dirichlet:-1",
+        "dirichlet:abc",
+        "classes:0",
+        "classes:1.5",
+        "shards:2",
+        "classes:-2",
+    ],
+)
 def test_bad_partition_spec(bad):
     with pytest.raises(ValueError) as err:
         partition(_labels(n=100), 2, bad)
@@ -574,13 +592,22 @@ def test_user_dataset_any_shape_and_checks():
     x = torch.randn(10, 3, 5, 7)  # non-square images
     ds = as_dataset((x[:8], torch.arange(8) % 3), (x[8:], torch.tensor([0, 1])))
     assert ds.input_shape == (3, 5, 7) and ds.num_classes == 3 and ds.example is None
-    tok = as_dataset((torch.randint(0, 9, (6, 4)), torch.zeros(6, dtype=torch.int32)),
-                     (torch.randint(0, 9, (2, 4)), torch.ones(2, dtype=torch.int32)))
+    tok = as_dataset(
+        (torch.randint(0, 9, (6, 4)), torch.zeros(6, dtype=torch.int32)),
+        (torch.randint(0, 9, (2, 4)), torch.ones(2, dtype=torch.int32)),
+    )
     assert tok.input_shape == (4,) and tok.train_y.dtype == torch.long and tok.example is not None
     with pytest.raises(DataError, match="integer"):
         as_dataset((x, torch.zeros(10)), (x, torch.zeros(10)))
     with pytest.raises(DataError, match="inputs but"):
         as_dataset((x, torch.zeros(9, dtype=torch.long)), (x, torch.zeros(10, dtype=torch.long)))
     with pytest.raises(ValueError, match="at least 2"):
-        Dataset("d", torch.randn(4), torch.zeros(4, dtype=torch.long), torch.randn(4),
-                torch.zeros(4, dtype=torch.long), 2, "test")
+        Dataset(
+            "d",
+            torch.randn(4),
+            torch.zeros(4, dtype=torch.long),
+            torch.randn(4),
+            torch.zeros(4, dtype=torch.long),
+            2,
+            "test",
+        )

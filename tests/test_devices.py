@@ -77,8 +77,22 @@ def test_parse_budget_spec_valid():
     assert parse_budget_spec("relative:1e-1-1") == ("relative", 0.1, 1.0)
 
 
-@pytest.mark.parametrize("bad", ["", "profile", "relative", "relative:", "relative:1.1-0.1", "mb:0-100",
-                                 "mb:-1-5", "mb:a-b", "gb:1-2", "mb:1-2-3", "relative:inf-inf"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "profile",
+        "relative",
+        "relative:",
+        "relative:1.1-0.1",
+        "mb:0-100",
+        "mb:-1-5",
+        "mb:a-b",
+        "gb:1-2",
+        "mb:1-2-3",
+        "relative:inf-inf",
+    ],
+)
 def test_parse_budget_spec_errors(bad):
     with pytest.raises(ValueError) as err:
         parse_budget_spec(bad)

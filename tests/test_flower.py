@@ -27,10 +27,10 @@ if shutil.which(_bin("flower-superlink")) is None:  # pragma: no cover - flwr in
 
 from memfl.config import build_config  # noqa: E402
 from memfl.core.protocol import Plan  # noqa: E402
+from memfl.methods import STRATEGIES  # noqa: E402
 from memfl.runtime.flower.local import LocalFederation, federation_node_configs, local_settings, run_on  # noqa: E402
 from memfl.runtime.sim import run_experiment  # noqa: E402
 from memfl.server.setup import load_data, model_builder  # noqa: E402
-from memfl.methods import STRATEGIES  # noqa: E402
 
 MB = 1 << 20
 NODES = 3
@@ -44,12 +44,25 @@ SEED, BUDGETS = 24, "relative:0.9-1.5"
 
 
 def make_config(out, method: str = "fedavg", **run):
-    return build_config({
-        "run": {"method": method, "model": "cnn", "dataset": "synthetic", "clients": NODES, "per_round": NODES,
-                "rounds": 2, "partition": "iid", "budgets": BUDGETS, "seed": SEED, "out": str(out),
-                "model_width": 0.25, **run},
-        "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05, "max_steps": 4},
-    })
+    return build_config(
+        {
+            "run": {
+                "method": method,
+                "model": "cnn",
+                "dataset": "synthetic",
+                "clients": NODES,
+                "per_round": NODES,
+                "rounds": 2,
+                "partition": "iid",
+                "budgets": BUDGETS,
+                "seed": SEED,
+                "out": str(out),
+                "model_width": 0.25,
+                **run,
+            },
+            "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05, "max_steps": 4},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +99,8 @@ def _declared(fed) -> dict[int, int]:
 def expected_plans(method: str, declared: dict[int, int], full_peak: int, rnd: int) -> dict[int, str]:
     """Client id -> plan label that ``method`` must give in round ``rnd`` of this federation
     (derived from the declared budgets and the rules of each strategy, not from a run)."""
-    from memfl.methods.fedhybrid.planner import budget_needed
     from memfl.methods.fedhybrid.config import FedHybridConfig
+    from memfl.methods.fedhybrid.planner import budget_needed
 
     fits_full = {c for c, b in declared.items() if b >= full_peak}
     fits_full_margin = {c for c, b in declared.items() if b >= budget_needed(full_peak, FedHybridConfig().margin)}
@@ -112,8 +125,9 @@ def test_the_federation_exercises_every_kind_of_participation(federation):
     from memfl.server.setup import make_context
 
     data = load_data(config)
-    full_peak = make_context(config, data.input_shape, data.num_classes,
-                             model_builder(config, data.input_shape, data.num_classes)).peak_fn(Plan())
+    full_peak = make_context(
+        config, data.input_shape, data.num_classes, model_builder(config, data.input_shape, data.num_classes)
+    ).peak_fn(Plan())
     declared = _declared(federation)
     assert sorted(b / full_peak for b in declared.values()) == pytest.approx([0.951, 1.238, 1.302], abs=0.01)
     assert expected_plans("exclusive", declared, full_peak, 1) == {0: "full", 2: "full"}
@@ -126,8 +140,10 @@ def test_the_federation_exercises_every_kind_of_participation(federation):
 DEFAULT_RUN_STRATEGIES = ("fedavg", "scalefl")
 
 
-@pytest.mark.parametrize("method", [m if m in DEFAULT_RUN_STRATEGIES else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(STRATEGIES)])
+@pytest.mark.parametrize(
+    "method",
+    [m if m in DEFAULT_RUN_STRATEGIES else pytest.param(m, marks=pytest.mark.slow) for m in sorted(STRATEGIES)],
+)
 def test_strategy_on_flower_matches_the_simulator(federation, tmp_path, monkeypatch, method):
     config = make_config(tmp_path / "flower", method)
     settings = local_settings(config, NODES, round_timeout=120)
@@ -152,7 +168,8 @@ def test_strategy_on_flower_matches_the_simulator(federation, tmp_path, monkeypa
     assert all(c["budget_source"] == "declared" for c in res["clients"])
     for r in rounds:
         assert {c["id"]: c["plan"] for c in r["clients"]} == expected_plans(
-            method, declared, res["full_peak_bytes"], r["round"]), r["strategy"]
+            method, declared, res["full_peak_bytes"], r["round"]
+        ), r["strategy"]
         for c in r["clients"]:
             assert c["status"] == "ok", c
             assert c["budget_bytes"] == declared[c["id"]]
@@ -160,8 +177,9 @@ def test_strategy_on_flower_matches_the_simulator(federation, tmp_path, monkeypa
 
     # (c) the in-process simulator, same config and seed: same clients and plans, same aggregated
     # parameters
-    sim_config = build_config({**settings.config.to_json(),
-                               "run": {**settings.config.to_json()["run"], "out": str(tmp_path / "sim")}})
+    sim_config = build_config(
+        {**settings.config.to_json(), "run": {**settings.config.to_json()["run"], "out": str(tmp_path / "sim")}}
+    )
     if method == "fedhybrid":
         # FedHybrid solves its plan table from operator timings it measures when it starts, so two
         # servers (the ServerApp, this process) may pick different hybrid plans -- which segment is
@@ -254,9 +272,34 @@ def test_memfl_flower_local_command(tmp_path, capsys):
     from memfl.cli import main
 
     out = tmp_path / "res"
-    assert main(["flower", "local", "--nodes", "2", "--rounds", "1", "--dataset", "synthetic", "--partition", "iid",
-                 "--budgets", "mb:100-200", "--max-steps", "2", "--model-width", "0.25", "--out", str(out),
-                 "--timeout", "600", "--cold"]) == 0
+    assert (
+        main(
+            [
+                "flower",
+                "local",
+                "--nodes",
+                "2",
+                "--rounds",
+                "1",
+                "--dataset",
+                "synthetic",
+                "--partition",
+                "iid",
+                "--budgets",
+                "mb:100-200",
+                "--max-steps",
+                "2",
+                "--model-width",
+                "0.25",
+                "--out",
+                str(out),
+                "--timeout",
+                "600",
+                "--cold",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["runtime"] == "flower" and len(res["rounds"]) == 1 and (out / "accuracy.png").exists()
     assert {c["id"] for c in res["rounds"][0]["clients"]} == {0, 1}

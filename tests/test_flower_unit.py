@@ -53,10 +53,17 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_instruction_round_trip_is_exact():
-    ins = Instruction(round=3, client_id=5, params=_tensors(), trainable=["conv.weight", "fc.bias"],
-                      plan=Plan(kind="stage", stage=2, options={"mentor": True}),
-                      hparams=HyperParams(lr=0.05, max_steps=4, prox_mu=0.01), seed=123,
-                      predicted_peak_bytes=10 * MB, budget_bytes=512 * MB)
+    ins = Instruction(
+        round=3,
+        client_id=5,
+        params=_tensors(),
+        trainable=["conv.weight", "fc.bias"],
+        plan=Plan(kind="stage", stage=2, options={"mentor": True}),
+        hparams=HyperParams(lr=0.05, max_steps=4, prox_mu=0.01),
+        seed=123,
+        predicted_peak_bytes=10 * MB,
+        budget_bytes=512 * MB,
+    )
     content = serde.instruction_to_content(ins)
     assert set(content) == {serde.PARAMS, serde.META}
     back = serde.content_to_instruction(content)
@@ -65,8 +72,17 @@ def test_instruction_round_trip_is_exact():
 
 
 def test_result_round_trip_keeps_extra_and_flat_metrics():
-    res = Result(client_id=2, params=_tensors(), num_samples=40, loss=1.25, sample_losses=[0.5, 2.0],
-                 compute_seconds=0.3, steps=4, predicted_peak_bytes=99, metrics={"loss_sq_mean": 1.5})
+    res = Result(
+        client_id=2,
+        params=_tensors(),
+        num_samples=40,
+        loss=1.25,
+        sample_losses=[0.5, 2.0],
+        compute_seconds=0.3,
+        steps=4,
+        predicted_peak_bytes=99,
+        metrics={"loss_sq_mean": 1.5},
+    )
     content = serde.result_to_content(res, {"budget_bytes": 512 * MB, "device": "rpi4-4gb"})
     assert content[serde.METRICS]["num-examples"] == 40
     back, extra = serde.content_to_result(content)
@@ -89,8 +105,10 @@ def test_app_settings_round_trip_through_the_pyproject(small_config):
     text = app_pyproject(settings)
     doc = tomllib.loads(text)
     app = doc["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "memfl.runtime.flower.server_app:app",
-                                 "clientapp": "memfl.runtime.flower.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "memfl.runtime.flower.server_app:app",
+        "clientapp": "memfl.runtime.flower.client_app:app",
+    }
     from flwr.common.config import flatten_dict
 
     flat = flatten_dict(app["config"])  # what Flower hands the apps
@@ -106,8 +124,13 @@ def test_app_settings_round_trip_through_the_pyproject(small_config):
 def _context(config, node_config, **settings):
     import random
 
-    return Context(run_id=random.getrandbits(62), node_id=11, node_config=node_config, state=RecordDict(),
-                   run_config=AppSettings(config=config, **settings).to_run_config())
+    return Context(
+        run_id=random.getrandbits(62),
+        node_id=11,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config=AppSettings(config=config, **settings).to_run_config(),
+    )
 
 
 def test_node_spec_budget_sources(small_config):
@@ -131,9 +154,9 @@ def test_node_spec_budget_sources(small_config):
 def test_client_app_in_process_matches_the_simulators_client(small_config, tmp_path):
     """The ClientApp, called in-process, trains client i exactly as the simulator's trainer does."""
     from memfl.core.trainer import LocalTrainer
+    from memfl.methods import STRATEGIES
     from memfl.runtime.flower.client_app import app
     from memfl.server.setup import build_federation, load_data, make_context, model_builder
-    from memfl.methods import STRATEGIES
 
     config = small_config()
     data = load_data(config)
@@ -185,8 +208,25 @@ def test_memfl_flower_app_writes_an_app_flower_accepts(tmp_path, capsys):
     from memfl.cli import main
 
     app_dir = tmp_path / "app"
-    assert main(["flower", "app", "--app-dir", str(app_dir), "--method", "exclusive", "--rounds", "7",
-                 "--clients", "4", "--out", str(tmp_path / "res")]) == 0
+    assert (
+        main(
+            [
+                "flower",
+                "app",
+                "--app-dir",
+                str(app_dir),
+                "--method",
+                "exclusive",
+                "--rounds",
+                "7",
+                "--clients",
+                "4",
+                "--out",
+                str(tmp_path / "res"),
+            ]
+        )
+        == 0
+    )
     doc = tomllib.loads((app_dir / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(doc, check_module=True, project_dir=app_dir)
     assert ok, errors
@@ -221,9 +261,17 @@ def test_warm_superexec_runs_the_command_line_flowers_executor_would(monkeypatch
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(list(args)))
     executor = fork_executor_class()
     for task_type in (TaskType.CLIENT_APP, TaskType.SERVER_APP):
-        spec = ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token="t0k3n",
-                             insecure=insecure, root_certificates_path=None if insecure else "/ca.crt",
-                             runtime_dependency_install=False, parent_pid=4242, suppress_output=False, task_id=7)
+        spec = ExecutionSpec(
+            task_type=task_type,
+            runtime_api_address="127.0.0.1:9094",
+            token="t0k3n",
+            insecure=insecure,
+            root_certificates_path=None if insecure else "/ca.crt",
+            runtime_dependency_install=False,
+            parent_pid=4242,
+            suppress_output=False,
+            task_id=7,
+        )
         SubprocessExecutor().launch(spec)
         assert executor.argv(spec) == started[-1]
         assert task_type in executor().entries  # forked, not started as a new process

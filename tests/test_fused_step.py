@@ -6,10 +6,10 @@ from torch import nn
 
 from memfl.core.engine import TrainStep, prepare
 from memfl.core.optim import StepInBackward, make_step_optimizer
+from memfl.core.protocol import HyperParams, Instruction, Plan
 from memfl.core.trainer import LocalTrainer
 from memfl.methods.fedhybrid.profile import plan_memory, profile_model
 from memfl.models.base import ConvBNReLU
-from memfl.core.protocol import HyperParams, Instruction, Plan
 
 
 def _model(plan=None):
@@ -17,9 +17,13 @@ def _model(plan=None):
     from memfl.models.base import classifier_head
 
     torch.manual_seed(0)
-    return BlockModel([nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
-                       nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16))],
-                      classifier_head(16, 4))
+    return BlockModel(
+        [
+            nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
+            nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16)),
+        ],
+        classifier_head(16, 4),
+    )
 
 
 SEGMENTS = {"blocks.0.0": "q4", "blocks.1.0": "recompute"}
@@ -32,27 +36,30 @@ def test_fused_step_trains_exactly_like_step_after_backward(optimizer, prox_mu):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(48, 3, 16, 16, generator=g), torch.randint(0, 4, (48,), generator=g)
     start = _model().state_dict()
-    hp = HyperParams(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, optimizer=optimizer,
-                     prox_mu=prox_mu)
+    hp = HyperParams(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, optimizer=optimizer, prox_mu=prox_mu)
     out = {}
     for fused in (False, True):
         opts = {"mixed": True, "min_bits": 2, **({"fused_step": True} if fused else {})}
         plan = Plan(kind="hybrid", segments=SEGMENTS, options=opts)
-        ins = Instruction(round=1, client_id=0, params={k: v.clone() for k, v in start.items()},
-                          trainable=[n for n, _ in _model().named_parameters()], plan=plan,
-                          hparams=hp, seed=3)
+        ins = Instruction(
+            round=1,
+            client_id=0,
+            params={k: v.clone() for k, v in start.items()},
+            trainable=[n for n, _ in _model().named_parameters()],
+            plan=plan,
+            hparams=hp,
+            seed=3,
+        )
         trainer = LocalTrainer(_model)
         out[fused] = trainer.fit(ins, x, y)
         # the fused step's hooks are gone from the trainer's cached model after the round
-        assert not any(getattr(p, "_post_accumulate_grad_hooks", None)
-                       for p in trainer.model_for(plan).parameters())
+        assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in trainer.model_for(plan).parameters())
     assert out[True].steps == out[False].steps == 3
     for name, want in out[False].params.items():
         got = out[True].params[name]
         assert torch.allclose(got, want, rtol=0, atol=1e-6), name
     # the update is not trivial
-    moved = max(float((out[True].params[n] - start[n]).abs().max()) for n in out[True].params
-                if n.endswith("weight"))
+    moved = max(float((out[True].params[n] - start[n]).abs().max()) for n in out[True].params if n.endswith("weight"))
     assert moved > 1e-3
 
 
@@ -73,8 +80,7 @@ def test_fused_step_frees_gradients_during_backward():
 
 def test_fused_step_refuses_global_norm_clipping_and_unknown_optimizers():
     model = _model()
-    step = TrainStep(module=model, trainable=list(model.named_parameters()), forward=model,
-                     step_in_backward=True)
+    step = TrainStep(module=model, trainable=list(model.named_parameters()), forward=model, step_in_backward=True)
     params = [p for _, p in step.trainable]
     with pytest.raises(ValueError, match="clipping by global norm"):
         make_step_optimizer(step, params, "sgd", lr=0.1, max_grad_norm=1.0)
@@ -82,8 +88,7 @@ def test_fused_step_refuses_global_norm_clipping_and_unknown_optimizers():
         make_step_optimizer(step, params, "lbfgs", lr=0.1)
     # without fusion clipping is the caller's business: an ordinary optimizer comes back
     plain = TrainStep(module=model, trainable=list(model.named_parameters()), forward=model)
-    assert isinstance(make_step_optimizer(plain, params, "sgd", lr=0.1, max_grad_norm=1.0),
-                      torch.optim.SGD)
+    assert isinstance(make_step_optimizer(plain, params, "sgd", lr=0.1, max_grad_norm=1.0), torch.optim.SGD)
 
 
 def test_fused_step_memory_model_and_estimate_agree_on_the_saving():
@@ -96,10 +101,10 @@ def test_fused_step_memory_model_and_estimate_agree_on_the_saving():
     fused = plan_memory(prof, SEGMENTS, {"min_bits": 2, "fused_step": True})
     saved_model = plain["peak_bytes"] - fused["peak_bytes"]
     assert 0 < saved_model <= prof.grad_bytes
-    e_plain = estimate(_model(), shape, plan=Plan(kind="hybrid", segments=SEGMENTS,
-                                                  options={"min_bits": 2}))
-    e_fused = estimate(_model(), shape, plan=Plan(kind="hybrid", segments=SEGMENTS,
-                                                  options={"min_bits": 2, "fused_step": True}))
+    e_plain = estimate(_model(), shape, plan=Plan(kind="hybrid", segments=SEGMENTS, options={"min_bits": 2}))
+    e_fused = estimate(
+        _model(), shape, plan=Plan(kind="hybrid", segments=SEGMENTS, options={"min_bits": 2, "fused_step": True})
+    )
     saved_est = e_plain.peak_bytes - e_fused.peak_bytes
     assert 0 < saved_est <= prof.grad_bytes
     assert e_fused.gradients < e_plain.gradients

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from memfl.core.trainer import LocalTrainer
-from memfl.models import build_model
 from memfl.core.protocol import HyperParams, Plan, Result
 from memfl.core.strategy import ClientInfo, FederationContext
+from memfl.core.trainer import LocalTrainer
 from memfl.methods import STRATEGIES
 from memfl.methods.heterofl.strategy import HeteroFL, nested_fedavg, slice_to
+from memfl.models import build_model
 
 
 def model_fn(plan):
@@ -21,9 +21,15 @@ def make_ctx():
     def peak_fn(plan):
         return peaks[plan.width if plan.kind == "width" else 1.0]
 
-    return FederationContext(model_fn=model_fn, input_shape=(1, 28, 28), num_classes=10,
-                             hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=10, seed=0,
-                             peak_fn=peak_fn)
+    return FederationContext(
+        model_fn=model_fn,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2),
+        per_round=10,
+        seed=0,
+        peak_fn=peak_fn,
+    )
 
 
 def test_slice_to_takes_leading_slices():
@@ -61,8 +67,9 @@ def test_clients_get_sliced_tensors_train_them_and_the_server_merges_them():
     torch.manual_seed(0)
     strat = HeteroFL(make_ctx())
     glob = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
-    pool = [ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=b)
-            for i, b in enumerate([1000, 450, 150])]
+    pool = [
+        ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=b) for i, b in enumerate([1000, 450, 150])
+    ]
     ins = strat.configure_train(1, glob, pool)
     assert [i.plan.label for i in ins] == ["full", "width:0.5", "width:0.125"]
     trainer = LocalTrainer(model_fn)
@@ -73,15 +80,24 @@ def test_clients_get_sliced_tensors_train_them_and_the_server_merges_them():
         for n, t in i.params.items():  # the leading slice of the global tensor
             assert torch.equal(t, slice_to(glob[n], t.shape))
         g = torch.Generator().manual_seed(k)
-        results.append(trainer.fit(i, torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)))
+        results.append(
+            trainer.fit(i, torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g))
+        )
     new = strat.aggregate_train(1, glob, results)
     w = new["blocks.0.layer.conv.weight"]
     c8 = results[2].params["blocks.0.layer.conv.weight"].shape[0]  # channels all three clients hold
     want = sum(r.params["blocks.0.layer.conv.weight"][:c8] for r in results) / 3
     assert torch.allclose(w[:c8], want, atol=1e-6)
     c4 = results[1].params["blocks.0.layer.conv.weight"].shape[0]
-    assert torch.allclose(w[c8:c4], (results[0].params["blocks.0.layer.conv.weight"][c8:c4]
-                                     + results[1].params["blocks.0.layer.conv.weight"][c8:c4]) / 2, atol=1e-6)
+    assert torch.allclose(
+        w[c8:c4],
+        (
+            results[0].params["blocks.0.layer.conv.weight"][c8:c4]
+            + results[1].params["blocks.0.layer.conv.weight"][c8:c4]
+        )
+        / 2,
+        atol=1e-6,
+    )
     assert torch.allclose(w[c4:], results[0].params["blocks.0.layer.conv.weight"][c4:])
 
 
@@ -96,8 +112,9 @@ def test_hooks_return_what_they_compute_and_select_is_handed_the_plans():
             return super().select(round, candidates, k, rng, plans)
 
     strat = Spy(make_ctx())
-    pool = [ClientInfo(id=i, num_samples=10, device="x", speed=1.0, budget_bytes=b)
-            for i, b in enumerate([1000, 450, 50])]
+    pool = [
+        ClientInfo(id=i, num_samples=10, device="x", speed=1.0, budget_bytes=b) for i, b in enumerate([1000, 450, 50])
+    ]
     before = dict(vars(strat))
     assert [strat.plan_for(c, 1) for c in pool] == [strat.plan_for(c, 1) for c in pool]
     assert vars(strat).keys() == before.keys()

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from memfl.core.engine import ENGINES, TrainStep
-from memfl.memory import MeasurementError, estimate, measure, tensor_bytes
 from memfl.core.protocol import Plan
+from memfl.memory import MeasurementError, estimate, measure, tensor_bytes
 
 F32 = 4
 
 
 # ---- module-level model builders (picklable for the measuring subprocess) -----------------------
+
 
 def small_mlp() -> nn.Module:
     torch.manual_seed(0)
@@ -27,10 +28,16 @@ def small_cnn() -> nn.Module:
     """Two conv-BN-ReLU layers on 3x32x32 (about 0.8 MB of activations per sample)."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(3, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -44,6 +51,7 @@ def sleeping_model() -> nn.Module:
 
 
 # ---- the parts ----------------------------------------------------------------------------------
+
 
 def test_parameter_gradient_and_optimizer_bytes_are_exact() -> None:
     model = small_cnn()
@@ -64,11 +72,10 @@ def test_parameter_gradient_and_optimizer_bytes_are_exact() -> None:
     assert estimate(model, (4, 3, 32, 32), momentum=0.0).optimizer_state == 0
 
     b = sgd.breakdown()
-    assert set(b) == {"parameters", "gradients", "optimizer_state", "activations", "transient",
-                      "overhead"}
-    assert sgd.peak_bytes == (b["parameters"] + b["optimizer_state"]
-                              + max(b["activations"], b["gradients"]) + b["transient"]
-                              + b["overhead"])
+    assert set(b) == {"parameters", "gradients", "optimizer_state", "activations", "transient", "overhead"}
+    assert sgd.peak_bytes == (
+        b["parameters"] + b["optimizer_state"] + max(b["activations"], b["gradients"]) + b["transient"] + b["overhead"]
+    )
     assert min(b.values()) >= 0
 
 
@@ -99,6 +106,7 @@ def test_estimate_leaves_the_model_untouched() -> None:
 
 
 # ---- plans: frozen parameters and saved-tensor hooks --------------------------------------------
+
 
 def _freeze_all_but_last(model: nn.Module, plan: Plan) -> TrainStep:
     """A ScaleFL-like stage: only the classifier trains; the rest runs without saving."""
@@ -161,8 +169,7 @@ def _half_precision_engine(model: nn.Module, plan: Plan) -> TrainStep:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
-    return TrainStep(module=model, trainable=list(model.named_parameters()), forward=model,
-                     saved_tensors=hooks)
+    return TrainStep(module=model, trainable=list(model.named_parameters()), forward=model, saved_tensors=hooks)
 
 
 def test_plan_hooks_are_counted_by_what_they_store(monkeypatch) -> None:
@@ -178,6 +185,7 @@ def test_plan_hooks_are_counted_by_what_they_store(monkeypatch) -> None:
 
 
 # ---- against a real measurement -----------------------------------------------------------------
+
 
 def test_estimate_matches_measurement_on_a_small_conv_model() -> None:
     shape = (32, 3, 32, 32)
@@ -226,8 +234,14 @@ def test_measure_unguarded_script_message(tmp_path):
         "import torch\nfrom memfl.memory import measure\n"
         "def make():\n    return torch.nn.Linear(4, 2)\n"
         "try:\n    measure(make, (2, 4), steps=1, timeout=120)\n"
-        "except Exception as err:\n    print('ERR', err)\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                         env={**__import__('os').environ, "OMP_NUM_THREADS": "1"})
-    assert "__name__ == \"__main__\"" in out.stdout, out.stdout + out.stderr
+        "except Exception as err:\n    print('ERR', err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert '__name__ == "__main__"' in out.stdout, out.stdout + out.stderr
     assert "re-imports the main script" in out.stdout

@@ -138,8 +138,7 @@ def test_deterministic_init():
 
 
 def test_block_output_shapes():
-    assert _model("cnn", 1, 28).block_output_shapes() == [(32, 14, 14), (64, 7, 7), (128, 3, 3),
-                                                         (256, 1, 1)]
+    assert _model("cnn", 1, 28).block_output_shapes() == [(32, 14, 14), (64, 7, 7), (128, 3, 3), (256, 1, 1)]
     assert _model("resnet18", 3, 32).block_output_shapes()[-1] == (512, 4, 4)
     assert _model("vgg11", 1, 28).block_output_shapes()[-1] == (512, 1, 1)
     assert _model("vit-tiny", 1, 28).block_output_shapes() == [(49, 192)] * 4

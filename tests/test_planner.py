@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from memfl.core.protocol import Plan
 from memfl.methods.fedhybrid.planner import (
     InfeasibleBudget,
     allowed_modes,
@@ -17,7 +18,6 @@ from memfl.methods.fedhybrid.planner import (
 )
 from memfl.methods.fedhybrid.profile import ModelProfile, plan_memory, plan_seconds, profile_model
 from memfl.models.base import ConvBNReLU
-from memfl.core.protocol import Plan
 
 
 def _block_model():
@@ -25,9 +25,13 @@ def _block_model():
     from memfl.models.base import classifier_head
 
     torch.manual_seed(0)
-    return BlockModel([nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
-                       nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16))],
-                      classifier_head(16, 4))
+    return BlockModel(
+        [
+            nn.Sequential(ConvBNReLU(3, 8), ConvBNReLU(8, 8)),
+            nn.Sequential(ConvBNReLU(8, 16, stride=2), ConvBNReLU(16, 16)),
+        ],
+        classifier_head(16, 4),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +140,8 @@ def _deep_net(layers=6, width=16):
 def test_plan_measured_peak_fits_its_budget():
     """Plan for 60% of the full-training peak on a small model; the real peak (fresh subprocess)
     fits the budget."""
-    from memfl.methods.fedhybrid.solve import solve_for_model
     from memfl.memory import measure
+    from memfl.methods.fedhybrid.solve import solve_for_model
 
     net = _deep_net()
     factory = partial(nn.Sequential, *net)
@@ -166,7 +170,9 @@ def test_memfl_plan_cli(capsys):
 def test_memory_cli_solves_budget_plans(capsys):
     from memfl.cli import main
 
-    assert main(["memory", "--model", "cnn", "--input", "1x28x28", "--batch", "16",
-                 "--plan", "budget:0.95x", "--json"]) == 0
+    assert (
+        main(["memory", "--model", "cnn", "--input", "1x28x28", "--batch", "16", "--plan", "budget:0.95x", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["kind"] in ("hybrid", "full")

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from memfl.core.engine import prepare
-from memfl.core.trainer import LocalTrainer
-from memfl.models import build_model
 from memfl.core.protocol import HyperParams, Plan, Result
-from memfl.methods.scalefl import PartitionError, ScaleFLModel, partition_model, scalefl_model_fn, stage_client_model
 from memfl.core.strategy import ClientInfo, FederationContext
+from memfl.core.trainer import LocalTrainer
 from memfl.methods import STRATEGIES
+from memfl.methods.scalefl import PartitionError, ScaleFLModel, partition_model, scalefl_model_fn, stage_client_model
 from memfl.methods.scalefl.config import ScaleFLConfig
 from memfl.methods.scalefl.strategy import ScaleFL, plateaued
+from memfl.models import build_model
 
 
 def cnn(plan=None):
@@ -28,6 +28,7 @@ def stage_plan(t, **options):
 
 
 # ------------------------------------------------------------------------------------ partition
+
 
 def test_shipped_models_cut_into_their_four_blocks():
     torch.manual_seed(0)
@@ -106,6 +107,7 @@ def test_models_that_cannot_be_cut_as_asked_are_refused_clearly():
 
 
 # --------------------------------------------------------------------------------- stage engine
+
 
 def _saved_by_module(step, sm, x, y):
     """Bytes autograd saves while each unit runs (keyed by unit name), plus in the output part."""
@@ -205,15 +207,24 @@ def test_nhsic_metrics_are_reported():
 
 # ------------------------------------------------------------------------------------ strategy
 
+
 def make_ctx(peaks=None, **scalefl):
     peaks = peaks or {}
 
     def peak_fn(plan):
         return peaks.get(plan.stage if plan.kind == "stage" else 0, 1000)
 
-    return FederationContext(model_fn=cnn, input_shape=(1, 28, 28), num_classes=10,
-                             hparams=HyperParams(batch_size=8, lr=0.05, max_steps=3), per_round=10, seed=0,
-                             peak_fn=peak_fn, rounds=8, settings=ScaleFLConfig(**scalefl))
+    return FederationContext(
+        model_fn=cnn,
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        hparams=HyperParams(batch_size=8, lr=0.05, max_steps=3),
+        per_round=10,
+        seed=0,
+        peak_fn=peak_fn,
+        rounds=8,
+        settings=ScaleFLConfig(**scalefl),
+    )
 
 
 def clients(*budgets):
@@ -236,7 +247,7 @@ def test_eligibility_follows_the_predicted_stage_peak():
         sent = set(ins[0].params)
         assert any(k.startswith(f"blocks.{stage - 1}.") for k in sent)
         assert not any(k.startswith(f"blocks.{stage}.") for k in sent)
-        assert ({k for k in sent if k.startswith("exits.")} == {k for k in params if k.startswith(f"exits.{stage}.")})
+        assert {k for k in sent if k.startswith("exits.")} == {k for k in params if k.startswith(f"exits.{stage}.")}
 
 
 def _fit(strat, model_fn, ins, n=32, seed=0):
@@ -312,6 +323,7 @@ def test_registered_everywhere():
 
 # ------------------------------------------------------------------- users' own models (memfl.run)
 
+
 class MeanPool(nn.Module):
     def forward(self, h):
         return h.mean(dim=1)
@@ -326,10 +338,22 @@ def user_tokens(vocab=30, classes=3):  # (N, T) int64 -> Embedding -> token laye
 
 
 def user_cnn(classes=3):  # non-square 1x20x36 images
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, classes))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(16, classes),
+    )
 
 
 USER_MODELS = {  # name: (factory, one sample's shape, blocks, batch)
@@ -355,8 +379,9 @@ def test_user_models_train_every_stage_with_a_frozen_prefix(kind, harmonizer):
         names = set(step.trainable_names())
         block_t = {k for k, _ in sm.named_parameters() if sm.partition.block_of(k) == t}
         assert block_t <= names
-        assert ({k for k in names if k.startswith("exits.")} == {k for k, _ in sm.named_parameters()
-                                                                 if k.startswith(f"exits.{t}.")})
+        assert {k for k in names if k.startswith("exits.")} == {
+            k for k, _ in sm.named_parameters() if k.startswith(f"exits.{t}.")
+        }
         harmonized = step.metrics()["harmonized"]
         assert bool(harmonized) == (harmonizer and t > 1)  # every block here ends in a weighted layer
         loss, per_sample = step.loss(x, y)
@@ -375,9 +400,17 @@ def test_user_models_train_every_stage_with_a_frozen_prefix(kind, harmonizer):
 
 
 def test_a_user_model_trains_through_the_strategy_and_local_trainer():
-    ctx = FederationContext(model_fn=lambda plan: user_mlp(), input_shape=(12,), num_classes=3,
-                            hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=2, seed=0,
-                            peak_fn=lambda plan: 100, rounds=4, settings=ScaleFLConfig(blocks=2, r_min=1, r_max=1))
+    ctx = FederationContext(
+        model_fn=lambda plan: user_mlp(),
+        input_shape=(12,),
+        num_classes=3,
+        hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2),
+        per_round=2,
+        seed=0,
+        peak_fn=lambda plan: 100,
+        rounds=4,
+        settings=ScaleFLConfig(blocks=2, r_min=1, r_max=1),
+    )
     strat = ScaleFL(ctx)
     model_fn = strat.wrap_model_fn(ctx.model_fn, ctx)
     params = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
@@ -386,8 +419,10 @@ def test_a_user_model_trains_through_the_strategy_and_local_trainer():
         ins = strat.configure_train(rnd, params, pool)
         assert ins and all(i.plan.stage == rnd and i.plan.options["input_shape"] == [12] for i in ins)
         g = torch.Generator().manual_seed(rnd)
-        results = [LocalTrainer(model_fn).fit(i, torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g))
-                   for i in ins]
+        results = [
+            LocalTrainer(model_fn).fit(i, torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g))
+            for i in ins
+        ]
         assert all(set(r.params) >= set(i.trainable) for r, i in zip(results, ins))
         params = strat.aggregate_train(rnd, params, results)
     assert int(params["exit_stage"]) == 2

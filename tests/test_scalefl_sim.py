@@ -20,8 +20,9 @@ def scalefl_config(small_config):
     def make(**run):
         from memfl.config import build_config
 
-        cfg = small_config(**{"method": "scalefl", "clients": 8, "per_round": 4, "rounds": 4,
-                              "budgets": "relative:0.1-1.1", **run}).to_json()
+        cfg = small_config(
+            **{"method": "scalefl", "clients": 8, "per_round": 4, "rounds": 4, "budgets": "relative:0.1-1.1", **run}
+        ).to_json()
         cfg["scalefl"].update({"r_min": 1, "r_max": 1, "beta": [0.0, 0.05], "gamma": [0.05, 0.05]})
         return build_config(cfg)
 
@@ -77,8 +78,9 @@ def test_scalefl_killed_run_resumes_identically(scalefl_config, tmp_path):
 
 
 def test_heterofl_runs_with_nested_widths(small_config):
-    res = run_experiment(small_config(method="heterofl", clients=8, per_round=8, rounds=1,
-                                      budgets="relative:0.1-1.1"), progress=False)
+    res = run_experiment(
+        small_config(method="heterofl", clients=8, per_round=8, rounds=1, budgets="relative:0.1-1.1"), progress=False
+    )
     plans = {c["plan"] for c in res["rounds"][0]["clients"]}
     assert len(plans) >= 2 and plans <= {"full", "width:0.5", "width:0.25", "width:0.125"}
     assert all(c["predicted_peak_bytes"] <= c["budget_bytes"] for c in res["rounds"][0]["clients"])
@@ -89,11 +91,29 @@ def test_cli_switches_and_report_draw_the_nhsic_plane(scalefl_config, tmp_path, 
     from memfl.cli import build_parser, main
     from memfl.cli.common import config_from_args
 
-    args = build_parser().parse_args(["run", "--method", "scalefl", "--no-mentor", "--no-harmonizer",
-                                      "--schedule", "cyclic", "--blocks", "3", "--cut", "balanced"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--method",
+            "scalefl",
+            "--no-mentor",
+            "--no-harmonizer",
+            "--schedule",
+            "cyclic",
+            "--blocks",
+            "3",
+            "--cut",
+            "balanced",
+        ]
+    )
     cfg = config_from_args(args)
-    assert (cfg.scalefl.mentor, cfg.scalefl.harmonizer, cfg.scalefl.schedule, cfg.scalefl.blocks,
-            cfg.scalefl.partition) == (False, False, "cyclic", 3, "balanced")
+    assert (
+        cfg.scalefl.mentor,
+        cfg.scalefl.harmonizer,
+        cfg.scalefl.schedule,
+        cfg.scalefl.blocks,
+        cfg.scalefl.partition,
+    ) == (False, False, "cyclic", 3, "balanced")
     assert config_from_args(build_parser().parse_args(["run"])).scalefl.mentor is True
 
     cfg = scalefl_config(rounds=2, out=str(tmp_path / "r"))

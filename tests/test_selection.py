@@ -7,9 +7,16 @@ from memfl.methods.fedhybrid.selection import Candidate, Selector
 
 
 def _cands(n=10, seconds=None, mem=None):
-    return [Candidate(id=i, num_samples=100, speed=1.0,
-                      seconds=(seconds[i] if seconds else 10.0), mem_stat=(mem[i] if mem else 1.0))
-            for i in range(n)]
+    return [
+        Candidate(
+            id=i,
+            num_samples=100,
+            speed=1.0,
+            seconds=(seconds[i] if seconds else 10.0),
+            mem_stat=(mem[i] if mem else 1.0),
+        )
+        for i in range(n)
+    ]
 
 
 def test_random_picks_k_distinct():
@@ -29,10 +36,12 @@ def _explored(sel, losses, rnd=1):
 def test_fedhybrid_utility_is_stat_times_memstat_times_compstat():
     sel = Selector(name="fedhybrid", explore=0.0, explore_min=0.0, staleness=0.0)
     _explored(sel, [1.0, 2.0, 2.0, 2.0])
-    cands = [Candidate(0, 100, 1.0, 10.0, 1.0),   # low loss
-             Candidate(1, 100, 1.0, 10.0, 1.0),   # high loss, fast, roomy: the best
-             Candidate(2, 100, 1.0, 20.0, 1.0),   # high loss but twice as slow
-             Candidate(3, 100, 1.0, 10.0, 0.5)]   # high loss, needs a memory plan
+    cands = [
+        Candidate(0, 100, 1.0, 10.0, 1.0),  # low loss
+        Candidate(1, 100, 1.0, 10.0, 1.0),  # high loss, fast, roomy: the best
+        Candidate(2, 100, 1.0, 20.0, 1.0),  # high loss but twice as slow
+        Candidate(3, 100, 1.0, 10.0, 0.5),
+    ]  # high loss, needs a memory plan
     u = sel.utilities(2, cands)
     assert u[1] == pytest.approx(1.0)
     assert u[0] == pytest.approx(0.25)  # Stat = mean(loss^2): 1 vs 4
@@ -77,6 +86,7 @@ def test_selector_state_round_trips():
 
 # ----------------------------------------------------------------------------------- strategies
 
+
 def _levels(cfg, levels=4):
     from memfl.config import build_config
 
@@ -85,9 +95,15 @@ def _levels(cfg, levels=4):
     return build_config(data)
 
 
-@pytest.mark.parametrize("method", [pytest.param("fedhybrid", marks=pytest.mark.slow),
-                                    pytest.param("random", marks=pytest.mark.slow), "oort",
-                                    pytest.param("oort+fedprox", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("fedhybrid", marks=pytest.mark.slow),
+        pytest.param("random", marks=pytest.mark.slow),
+        "oort",
+        pytest.param("oort+fedprox", marks=pytest.mark.slow),
+    ],
+)
 def test_strategies_run_end_to_end(small_config, method):
     from memfl.runtime.sim import run_experiment
 
@@ -108,8 +124,7 @@ def test_strategies_run_end_to_end(small_config, method):
 def test_fedhybrid_trains_low_budget_clients_with_hybrid_plans(small_config):
     from memfl.runtime.sim import run_experiment
 
-    cfg = _levels(small_config(method="fedhybrid", budgets="relative:0.88-0.97", clients=6, per_round=3,
-                               rounds=1))
+    cfg = _levels(small_config(method="fedhybrid", budgets="relative:0.88-0.97", clients=6, per_round=3, rounds=1))
     res = run_experiment(cfg, progress=False)
     chosen = res["rounds"][0]["clients"]
     assert chosen and all(c["plan"] == "hybrid" for c in chosen)
@@ -118,8 +133,8 @@ def test_fedhybrid_trains_low_budget_clients_with_hybrid_plans(small_config):
 
 
 def test_oort_fedprox_sends_a_proximal_term(small_config):
-    from memfl.server.setup import build_federation, load_data, make_context, model_builder
     from memfl.methods import STRATEGIES
+    from memfl.server.setup import build_federation, load_data, make_context, model_builder
 
     cfg = small_config(method="oort+fedprox", budgets="relative:2-3")
     data = load_data(cfg)
@@ -143,8 +158,11 @@ def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path
     from memfl.runtime.sim import run_experiment
 
     def cfg(out):
-        return _levels(small_config(method="fedhybrid", budgets="relative:0.85-1.3", clients=6, per_round=3,
-                                    rounds=3, out=str(out)))
+        return _levels(
+            small_config(
+                method="fedhybrid", budgets="relative:0.85-1.3", clients=6, per_round=3, rounds=3, out=str(out)
+            )
+        )
 
     # two fresh runs time the model separately and may solve different (equally valid) tables: both
     # runs here share one profile, so they differ only by the kill and the resume
@@ -173,8 +191,9 @@ def test_fedhybrid_killed_run_resumes_with_its_plan_table(small_config, tmp_path
 
     monkeypatch.setattr(fh, "profile_model", no_profiling)
     resumed = run_experiment(cfg(tmp_path / "resumed"), progress=False)
-    assert [[(c["id"], c["plan"]) for c in r["clients"]] for r in resumed["rounds"]] == \
-        [[(c["id"], c["plan"]) for c in r["clients"]] for r in full["rounds"]]
+    assert [[(c["id"], c["plan"]) for c in r["clients"]] for r in resumed["rounds"]] == [
+        [(c["id"], c["plan"]) for c in r["clients"]] for r in full["rounds"]
+    ]
     a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -189,18 +208,42 @@ def test_fedhybrid_hooks_pass_plans_explicitly():
     from memfl.methods.fedhybrid.strategy import FedHybrid
     from memfl.models import build_model
 
-    ctx = FederationContext(model_fn=lambda plan: build_model("cnn", width=0.25), input_shape=(1, 28, 28),
-                            num_classes=10, hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2), per_round=1,
-                            seed=0, peak_fn=lambda plan: 100 << 20)
+    ctx = FederationContext(
+        model_fn=lambda plan: build_model("cnn", width=0.25),
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        hparams=HyperParams(batch_size=8, lr=0.05, max_steps=2),
+        per_round=1,
+        seed=0,
+        peak_fn=lambda plan: 100 << 20,
+    )
     strat = FedHybrid(ctx)
     hybrid = Plan(kind="hybrid", segments={"blocks.0.layer": "recompute"})
-    strat._table = [PlanChoice(plan=Plan(), modes={}, predicted_peak_bytes=100 << 20, model_peak_bytes=0,
-                               added_seconds=0.0, step_seconds=0.1, budget_bytes=0),
-                    PlanChoice(plan=hybrid, modes={}, predicted_peak_bytes=50 << 20, model_peak_bytes=0,
-                               added_seconds=0.5, step_seconds=0.1, budget_bytes=0)]
+    strat._table = [
+        PlanChoice(
+            plan=Plan(),
+            modes={},
+            predicted_peak_bytes=100 << 20,
+            model_peak_bytes=0,
+            added_seconds=0.0,
+            step_seconds=0.1,
+            budget_bytes=0,
+        ),
+        PlanChoice(
+            plan=hybrid,
+            modes={},
+            predicted_peak_bytes=50 << 20,
+            model_peak_bytes=0,
+            added_seconds=0.5,
+            step_seconds=0.1,
+            budget_bytes=0,
+        ),
+    ]
     strat._full_step_seconds = 0.1
-    pool = [ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=b << 20)
-            for i, b in enumerate([200, 80, 10])]
+    pool = [
+        ClientInfo(id=i, num_samples=16, device="x", speed=1.0, budget_bytes=b << 20)
+        for i, b in enumerate([200, 80, 10])
+    ]
     before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(strat).items()}
     assert [strat.plan_for(c, 1) for c in pool] == [Plan(), hybrid, None]
     assert {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(strat).items()} == before

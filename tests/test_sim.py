@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from memfl.core.trainer import LocalTrainer
 from memfl.core.protocol import HyperParams, Instruction, Plan
+from memfl.core.trainer import LocalTrainer
 from memfl.runtime.sim import run_experiment
 
 
@@ -31,7 +31,7 @@ def test_fedavg_run_writes_results_and_learns(small_config):
         assert r["round_virtual_seconds"] == max(c["virtual_seconds"] for c in r["clients"])
     # synthetic data is learnable: better than chance (10 classes) after 3 short rounds
     assert res["summary"]["final_accuracy"] > 0.2
-    assert (cfg.run.out and __import__("pathlib").Path(out, "accuracy.png").stat().st_size > 1000)
+    assert cfg.run.out and __import__("pathlib").Path(out, "accuracy.png").stat().st_size > 1000
 
 
 def test_deterministic_for_a_seed(small_config, tmp_path):
@@ -105,8 +105,15 @@ def test_trainer_returns_trainable_and_buffers_and_changes_them():
     model = build_model("cnn", width=0.25)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = LocalTrainer(lambda plan: build_model("cnn", width=0.25))
-    ins = Instruction(round=1, client_id=0, params=params, trainable=[n for n, _ in model.named_parameters()],
-                      plan=Plan(), hparams=HyperParams(batch_size=8, lr=0.1, max_steps=3), seed=3)
+    ins = Instruction(
+        round=1,
+        client_id=0,
+        params=params,
+        trainable=[n for n, _ in model.named_parameters()],
+        plan=Plan(),
+        hparams=HyperParams(batch_size=8, lr=0.1, max_steps=3),
+        seed=3,
+    )
     x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
     res = trainer.fit(ins, x, y)
     assert set(res.params) == set(params)  # all parameters and BN buffers come back
@@ -129,9 +136,14 @@ def test_fedprox_term_pulls_towards_the_global_model():
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
 
     def drift(mu):
-        ins = Instruction(round=1, client_id=0, params=params, trainable=names,
-                          hparams=HyperParams(batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0,
-                                              prox_mu=mu, local_epochs=3), seed=1)
+        ins = Instruction(
+            round=1,
+            client_id=0,
+            params=params,
+            trainable=names,
+            hparams=HyperParams(batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, prox_mu=mu, local_epochs=3),
+            seed=1,
+        )
         res = trainer.fit(ins, x, y)
         return sum(float((res.params[k] - params[k]).pow(2).sum()) for k in names)
 

@@ -34,12 +34,25 @@ NODES = 3
 
 
 def _config(out: Path, quick: bool, dataset: str):
-    return build_config({
-        "run": {"method": "fedavg", "model": "cnn", "dataset": dataset, "clients": NODES, "per_round": NODES,
-                "rounds": 4 if quick else 6, "eval_every": 10_000, "partition": "iid", "budgets": "profiles",
-                "seed": 0, "out": str(out)},
-        "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.01, "max_steps": 10 if quick else 30},
-    }, source="flower benchmark")
+    return build_config(
+        {
+            "run": {
+                "method": "fedavg",
+                "model": "cnn",
+                "dataset": dataset,
+                "clients": NODES,
+                "per_round": NODES,
+                "rounds": 4 if quick else 6,
+                "eval_every": 10_000,
+                "partition": "iid",
+                "budgets": "profiles",
+                "seed": 0,
+                "out": str(out),
+            },
+            "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.01, "max_steps": 10 if quick else 30},
+        },
+        source="flower benchmark",
+    )
 
 
 def _serde_seconds(config) -> dict[str, float]:
@@ -60,8 +73,11 @@ def _serde_seconds(config) -> dict[str, float]:
     for _ in range(reps):
         serde.content_to_result(serde.result_to_content(res))
     t2 = time.perf_counter()
-    return {"instruction_round_trip_seconds": (t1 - t0) / reps, "result_round_trip_seconds": (t2 - t1) / reps,
-            "param_bytes": sum(t.numel() * t.element_size() for t in params.values())}
+    return {
+        "instruction_round_trip_seconds": (t1 - t0) / reps,
+        "result_round_trip_seconds": (t2 - t1) / reps,
+        "param_bytes": sum(t.numel() * t.element_size() for t in params.values()),
+    }
 
 
 def _mean(values: list[float]) -> float:
@@ -81,23 +97,28 @@ def _breakdown(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         handler = _mean([n["handler_seconds"] or 0.0 for n in node])
         trip = _mean([c["round_trip_seconds"] for c in ok])
         client_serde = _mean([n["deserialize_seconds"] + (n["serialize_seconds"] or 0.0) for n in node])
-        rows.append({
-            "round": r["round"],
-            "round_seconds": r["round_seconds"],
-            "server_serialize_seconds": t["serialize_seconds"] + t["deserialize_seconds"],
-            "client_serialize_seconds": client_serde,
-            "clientapp_process_seconds": age,
-            "client_data_seconds": _mean([n["data_seconds"] for n in node]),
-            "trainer_setup_seconds": fit - compute,
-            "compute_seconds": compute,
-            "delivery_seconds": trip - age - handler,
-            "server_rest_seconds": r["round_seconds"] - t["wait_seconds"] - t["push_seconds"]
-            - t["serialize_seconds"] - t["deserialize_seconds"],
-            "push_seconds": t["push_seconds"],
-            "wait_seconds": t["wait_seconds"],
-            "round_trip_seconds": trip,
-            "evaluate_seconds": t["evaluate_seconds"],
-        })
+        rows.append(
+            {
+                "round": r["round"],
+                "round_seconds": r["round_seconds"],
+                "server_serialize_seconds": t["serialize_seconds"] + t["deserialize_seconds"],
+                "client_serialize_seconds": client_serde,
+                "clientapp_process_seconds": age,
+                "client_data_seconds": _mean([n["data_seconds"] for n in node]),
+                "trainer_setup_seconds": fit - compute,
+                "compute_seconds": compute,
+                "delivery_seconds": trip - age - handler,
+                "server_rest_seconds": r["round_seconds"]
+                - t["wait_seconds"]
+                - t["push_seconds"]
+                - t["serialize_seconds"]
+                - t["deserialize_seconds"],
+                "push_seconds": t["push_seconds"],
+                "wait_seconds": t["wait_seconds"],
+                "round_trip_seconds": trip,
+                "evaluate_seconds": t["evaluate_seconds"],
+            }
+        )
     return rows
 
 
@@ -109,13 +130,23 @@ def _flower(config, fl_out: Path, warm: bool, steady: list[int], sim_med: float)
     fl_config = build_config({**config.to_json(), "run": {**config.to_json()["run"], "out": str(fl_out)}})
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-    flower = run_local(fl_config, NODES, timeout=1800, round_timeout=300, warm=warm,
-                       log=lambda line: lines.append((time.perf_counter() - t0, line)))
+    flower = run_local(
+        fl_config,
+        NODES,
+        timeout=1800,
+        round_timeout=300,
+        warm=warm,
+        log=lambda line: lines.append((time.perf_counter() - t0, line)),
+    )
     wall = time.perf_counter() - t0
     fl_rounds = [r["round_seconds"] for r in flower["rounds"]]
     breakdown = _breakdown(flower["rounds"])
-    parts = [k for k in breakdown[0] if k.endswith("_seconds") and k not in
-             ("round_seconds", "push_seconds", "wait_seconds", "round_trip_seconds", "evaluate_seconds")]
+    parts = [
+        k
+        for k in breakdown[0]
+        if k.endswith("_seconds")
+        and k not in ("round_seconds", "push_seconds", "wait_seconds", "round_trip_seconds", "evaluate_seconds")
+    ]
     med = statistics.median(fl_rounds[i] for i in steady)
     return {
         "warm": warm,
@@ -173,11 +204,19 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     runs = {}
     for name, warm in (("cold", False), ("warm", True)):
         runs[name] = _flower(config, out / f"flower-bench-flower-{name}", warm, steady, sim_med)
-        runs[name]["same_clients"] = [[c["id"] for c in r["clients"]] for r in sim["rounds"]] == runs[name].pop("clients")
+        runs[name]["same_clients"] = [[c["id"] for c in r["clients"]] for r in sim["rounds"]] == runs[name].pop(
+            "clients"
+        )
     summary = {
-        "workload": {"dataset": dataset, "model": "cnn", "clients": NODES, "per_round": NODES,
-                     "rounds": config.run.rounds, "max_steps": config.train.max_steps,
-                     "batch_size": config.train.batch_size},
+        "workload": {
+            "dataset": dataset,
+            "model": "cnn",
+            "clients": NODES,
+            "per_round": NODES,
+            "rounds": config.run.rounds,
+            "max_steps": config.train.max_steps,
+            "batch_size": config.train.batch_size,
+        },
         "sim_round_seconds": sim_rounds,
         "steady_rounds": [i + 1 for i in steady],
         "sim_median_round_seconds": sim_med,
@@ -188,7 +227,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         "ratio": runs["cold"]["ratio"],
         "ratio_warm": runs["warm"]["ratio"],
         "serde": _serde_seconds(config),
-        "torch": torch.__version__, "flwr": runs["cold"]["flwr"], "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "flwr": runs["cold"]["flwr"],
+        "cpus": os.cpu_count(),
         "threads_per_client": threads,
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }
@@ -240,7 +281,8 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
             f"- {name}: whole job {r['wall_seconds']:.0f} s (simulator {s['sim_wall_seconds']:.0f} s): federation up "
             f"after {r['start_seconds'] or 0:.0f} s, first round done after {r['first_round_done_seconds'] or 0:.0f} s"
             f"{f', {traffic / 2**20:.1f} MiB on the wire' if traffic else ''}; same clients every round as the "
-            f"simulator: {'yes' if r['same_clients'] else 'NO'}.")
+            f"simulator: {'yes' if r['same_clients'] else 'NO'}."
+        )
     lines += [
         "",
         "Where a Flower round goes (the same rounds; client parts: mean over the clients, which run in parallel):",
@@ -252,10 +294,10 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         "server_serialize_seconds": "server: tensors to/from Flower records",
         "client_serialize_seconds": "client: tensors to/from Flower records",
         "clientapp_process_seconds": "ClientApp process start (cold: Python, flwr + torch imports; warm: fork), "
-                                     "message fetch",
+        "message fetch",
         "client_data_seconds": "client: load its data share",
         "trainer_setup_seconds": "client: trainer set-up (model build, first optimizer: torch._dynamo import "
-                                 "when cold)",
+        "when cold)",
         "compute_seconds": "client: local training (the simulator's compute)",
         "delivery_seconds": "delivery: SuperNode/SuperExec polling, HTTP, reply upload, server polling",
         "server_rest_seconds": "server: planning, aggregation, evaluation, checkpoint",

@@ -64,8 +64,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     started = time.perf_counter()
     todo = cases(quick)
     for i, (name, shape, batch) in enumerate(todo, 1):
-        model_fn = partial(build_model, name, in_channels=shape[0], num_classes=NUM_CLASSES,
-                           image_size=shape[1])
+        model_fn = partial(build_model, name, in_channels=shape[0], num_classes=NUM_CLASSES, image_size=shape[1])
         input_shape = (batch, *shape)
         t0 = time.perf_counter()
         est = estimate(model_fn(), input_shape, optimizer="sgd", momentum=0.9)
@@ -74,17 +73,28 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         meas = measure(model_fn, input_shape, optimizer="sgd", momentum=0.9, steps=3)
         t_meas = time.perf_counter() - t0
         error = 100.0 * (est.peak_bytes - meas.peak_bytes) / meas.peak_bytes
-        rows.append({
-            "model": name, "input": "x".join(map(str, shape)), "batch": batch,
-            "estimated_bytes": est.peak_bytes, "measured_bytes": meas.peak_bytes,
-            "error_pct": round(error, 2), "peak_phase": est.peak_phase,
-            "breakdown": est.breakdown(), "baseline_bytes": meas.baseline_bytes,
-            "step_seconds": round(meas.step_seconds, 3), "device": meas.device,
-            "estimate_seconds": round(t_est, 2), "measure_seconds": round(t_meas, 2),
-        })
-        _say(f"[{i}/{len(todo)}] {name:9s} {'x'.join(map(str, shape)):8s} batch {batch:4d}: "
-             f"estimated {est.peak_bytes / MB:8.1f} MB, measured {meas.peak_bytes / MB:8.1f} MB, "
-             f"error {error:+6.2f}%  (estimate {t_est:.1f} s, measure {t_meas:.1f} s)")
+        rows.append(
+            {
+                "model": name,
+                "input": "x".join(map(str, shape)),
+                "batch": batch,
+                "estimated_bytes": est.peak_bytes,
+                "measured_bytes": meas.peak_bytes,
+                "error_pct": round(error, 2),
+                "peak_phase": est.peak_phase,
+                "breakdown": est.breakdown(),
+                "baseline_bytes": meas.baseline_bytes,
+                "step_seconds": round(meas.step_seconds, 3),
+                "device": meas.device,
+                "estimate_seconds": round(t_est, 2),
+                "measure_seconds": round(t_meas, 2),
+            }
+        )
+        _say(
+            f"[{i}/{len(todo)}] {name:9s} {'x'.join(map(str, shape)):8s} batch {batch:4d}: "
+            f"estimated {est.peak_bytes / MB:8.1f} MB, measured {meas.peak_bytes / MB:8.1f} MB, "
+            f"error {error:+6.2f}%  (estimate {t_est:.1f} s, measure {t_meas:.1f} s)"
+        )
 
     worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
     summary: dict[str, Any] = {
@@ -105,8 +115,10 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     }
     (out / "memory.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "memory.md").write_text(_markdown(summary))
-    _say(f"memory: max |error| {worst:.2f}% over {len(rows)} cases "
-         f"({summary['seconds']:.0f} s); wrote {out / 'memory.md'}")
+    _say(
+        f"memory: max |error| {worst:.2f}% over {len(rows)} cases "
+        f"({summary['seconds']:.0f} s); wrote {out / 'memory.md'}"
+    )
     return summary
 
 
@@ -116,9 +128,11 @@ def _markdown(summary: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
-        lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | "
-                     f"{r['estimated_bytes'] / MB:.1f} | {r['measured_bytes'] / MB:.1f} | "
-                     f"{r['error_pct']:+.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['batch']} | "
+            f"{r['estimated_bytes'] / MB:.1f} | {r['measured_bytes'] / MB:.1f} | "
+            f"{r['error_pct']:+.2f} |"
+        )
     lines += [
         "",
         f"Full training, {summary['optimizer']}, {summary['num_classes']} classes; estimate: "
@@ -127,8 +141,7 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"{summary['threads']} threads). MB = 2^20 bytes. Max |error| "
         f"{summary['max_abs_error_pct']:.2f}% (goal: within {summary['tolerance_pct']:g}%).",
         "",
-        f"Command: `{summary['command']}` ({summary['date']}, torch {summary['torch']}, "
-        f"Python {summary['python']}).",
+        f"Command: `{summary['command']}` ({summary['date']}, torch {summary['torch']}, Python {summary['python']}).",
         "",
     ]
     return "\n".join(lines)

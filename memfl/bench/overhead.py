@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from memfl.config import build_config
+from memfl.core.protocol import Plan
+from memfl.core.seeding import round_seed
 from memfl.data import DataError
-from safetensors.torch import load_file
-
 from memfl.runtime.sim import run_experiment
 from memfl.server.checkpoint import CHECKPOINT_TENSORS
 from memfl.server.setup import build_federation, load_data, model_builder
-from memfl.core.protocol import Plan
-from memfl.core.seeding import round_seed
 
 
 def _bare_round(config, rnd, clients_by_id, client_ids, global_state, model) -> float:
@@ -45,7 +44,7 @@ def _bare_round(config, rnd, clients_by_id, client_ids, global_state, model) -> 
         for _ in range(t.local_epochs):
             order = torch.randperm(len(x), generator=gen)
             for lo in range(0, len(x), t.batch_size):
-                idx = order[lo:lo + t.batch_size]
+                idx = order[lo : lo + t.batch_size]
                 if len(idx) < 2:
                     continue
                 opt.zero_grad(set_to_none=True)
@@ -67,9 +66,19 @@ def _bare_round(config, rnd, clients_by_id, client_ids, global_state, model) -> 
 def run(out: Path, quick: bool) -> dict[str, Any]:
     rounds = 3 if quick else 6
     cfg = {
-        "run": {"method": "fedavg", "model": "cnn", "dataset": "fashion-mnist", "clients": 100,
-                "per_round": 4 if quick else 10, "rounds": rounds, "eval_every": 10_000,
-                "partition": "dirichlet:0.5", "budgets": "profiles", "seed": 0, "out": str(out / "overhead-run")},
+        "run": {
+            "method": "fedavg",
+            "model": "cnn",
+            "dataset": "fashion-mnist",
+            "clients": 100,
+            "per_round": 4 if quick else 10,
+            "rounds": rounds,
+            "eval_every": 10_000,
+            "partition": "dirichlet:0.5",
+            "budgets": "profiles",
+            "seed": 0,
+            "out": str(out / "overhead-run"),
+        },
         "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.01},
     }
     config = build_config(cfg, source="overhead benchmark")
@@ -93,16 +102,28 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         # the next round starts from the simulator's new global model (its checkpoint)
         previous.clear()
         previous.update(load_file(str(out / "overhead-run" / CHECKPOINT_TENSORS)))
-        rows.append({"round": entry["round"], "sim_seconds": entry["round_seconds"], "bare_seconds": bare,
-                     "evaluated": entry["accuracy"] is not None})
+        rows.append(
+            {
+                "round": entry["round"],
+                "sim_seconds": entry["round_seconds"],
+                "bare_seconds": bare,
+                "evaluated": entry["accuracy"] is not None,
+            }
+        )
 
     run_experiment(config, progress=False, on_round=after_round)
     usable = [r for r in rows if not r["evaluated"] and r["round"] > 1] or rows
     ratios = [r["sim_seconds"] / r["bare_seconds"] for r in usable]
     summary = {
-        "dataset": config.run.dataset, "model": "cnn", "per_round": config.run.per_round,
-        "rounds": rows, "median_ratio": statistics.median(ratios), "ratios": ratios, "goal": 1.15,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "dataset": config.run.dataset,
+        "model": "cnn",
+        "per_round": config.run.per_round,
+        "rounds": rows,
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "goal": 1.15,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     (out / "overhead.json").write_text(json.dumps(summary, indent=1))
     lines = [
@@ -121,8 +142,10 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     ]
     for r in rows:
         note = " (eval)" if r["evaluated"] else ""
-        lines.append(f"| {r['round']}{note} | {r['sim_seconds']:.2f} | {r['bare_seconds']:.2f} | "
-                     f"{r['sim_seconds'] / r['bare_seconds']:.3f} |")
+        lines.append(
+            f"| {r['round']}{note} | {r['sim_seconds']:.2f} | {r['bare_seconds']:.2f} | "
+            f"{r['sim_seconds'] / r['bare_seconds']:.3f} |"
+        )
     lines += ["", f"**Median ratio: {summary['median_ratio']:.3f}** (goal <= 1.15)", ""]
     (out / "overhead.md").write_text("\n".join(lines))
     return summary

@@ -33,6 +33,7 @@ MB = 2**20
 
 # ------------------------------------------------------------------------------------ memory
 
+
 def _resnet18_factory():
     from memfl.models import build_model
 
@@ -41,8 +42,8 @@ def _resnet18_factory():
 
 def memory_rows(quick: bool) -> dict[str, Any]:
     """Estimated and measured peaks of full training and of every stage (see the module doc)."""
-    from memfl.memory import estimate, measure
     from memfl.core.protocol import Plan
+    from memfl.memory import estimate, measure
     from memfl.methods.scalefl import stage_client_factory
 
     batch = 8 if quick else 64
@@ -53,13 +54,21 @@ def memory_rows(quick: bool) -> dict[str, Any]:
     def one(factory, plan) -> dict[str, Any]:
         e = estimate(factory(), shape, optimizer="sgd", momentum=0.9, plan=plan)
         m = measure(factory, shape, optimizer="sgd", momentum=0.9, plan=plan)
-        print(f"[scalefl memory] {plan.label} {plan.options.get('partition', '')}: "
-              f"est {e.peak_bytes / MB:.1f} MB, measured {m.peak_bytes / MB:.1f} MB", flush=True)
+        print(
+            f"[scalefl memory] {plan.label} {plan.options.get('partition', '')}: "
+            f"est {e.peak_bytes / MB:.1f} MB, measured {m.peak_bytes / MB:.1f} MB",
+            flush=True,
+        )
         return {"estimated_bytes": e.peak_bytes, "measured_bytes": m.peak_bytes, "breakdown": e.breakdown()}
 
     full = one(base, Plan())
-    out: dict[str, Any] = {"model": "resnet18", "input_shape": list(shape), "optimizer": "sgd, momentum 0.9",
-                           "full": full, "cuts": []}
+    out: dict[str, Any] = {
+        "model": "resnet18",
+        "input_shape": list(shape),
+        "optimizer": "sgd, momentum 0.9",
+        "full": full,
+        "cuts": [],
+    }
     for mode, blocks in cuts:
         from memfl.methods.scalefl import ScaleFLModel
 
@@ -67,8 +76,13 @@ def memory_rows(quick: bool) -> dict[str, Any]:
         stages = []
         for t in range(1, blocks + 1):
             plan = Plan(kind="stage", stage=t, options={"blocks": blocks, "partition": mode, "batch_size": batch})
-            stages.append({"stage": t, "units": list(groups[t - 1]),
-                           **one(stage_client_factory(base, t, blocks, mode, batch), plan)})
+            stages.append(
+                {
+                    "stage": t,
+                    "units": list(groups[t - 1]),
+                    **one(stage_client_factory(base, t, blocks, mode, batch), plan),
+                }
+            )
         row = {"partition": mode, "blocks": blocks, "stages": stages}
         for kind in ("estimated", "measured"):
             largest = max(s[f"{kind}_bytes"] for s in stages)
@@ -80,24 +94,36 @@ def memory_rows(quick: bool) -> dict[str, Any]:
 
 def memory_markdown(mem: dict[str, Any]) -> list[str]:
     full = mem["full"]
-    lines = [f"### Memory: {mem['model']}, input {'x'.join(map(str, mem['input_shape']))}, {mem['optimizer']}", "",
-             f"Full training: estimated {full['estimated_bytes'] / MB:.1f} MB, measured "
-             f"{full['measured_bytes'] / MB:.1f} MB.", "",
-             "| cut | T | stage | block units | estimated (MB) | measured (MB) | vs full (measured) |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        f"### Memory: {mem['model']}, input {'x'.join(map(str, mem['input_shape']))}, {mem['optimizer']}",
+        "",
+        f"Full training: estimated {full['estimated_bytes'] / MB:.1f} MB, measured "
+        f"{full['measured_bytes'] / MB:.1f} MB.",
+        "",
+        "| cut | T | stage | block units | estimated (MB) | measured (MB) | vs full (measured) |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
     for cut in mem["cuts"]:
         for s in cut["stages"]:
             units = ", ".join(u.replace("blocks.", "") for u in s["units"])
-            lines.append(f"| {cut['partition']} | {cut['blocks']} | {s['stage']} | {units} | "
-                         f"{s['estimated_bytes'] / MB:.1f} | {s['measured_bytes'] / MB:.1f} | "
-                         f"{100 * s['measured_bytes'] / full['measured_bytes']:.0f}% |")
-    lines += ["", "| cut | T | largest stage, estimated | largest stage, measured | reduction (est.) | "
-                  "reduction (measured) | goal >= 60% |", "|---|---:|---:|---:|---:|---:|---|"]
+            lines.append(
+                f"| {cut['partition']} | {cut['blocks']} | {s['stage']} | {units} | "
+                f"{s['estimated_bytes'] / MB:.1f} | {s['measured_bytes'] / MB:.1f} | "
+                f"{100 * s['measured_bytes'] / full['measured_bytes']:.0f}% |"
+            )
+    lines += [
+        "",
+        "| cut | T | largest stage, estimated | largest stage, measured | reduction (est.) | "
+        "reduction (measured) | goal >= 60% |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for cut in mem["cuts"]:
         ok = "met" if cut["reduction_measured_pct"] >= 60 else "not met"
-        lines.append(f"| {cut['partition']} | {cut['blocks']} | {cut['largest_estimated_bytes'] / MB:.1f} MB | "
-                     f"{cut['largest_measured_bytes'] / MB:.1f} MB | {cut['reduction_estimated_pct']:.1f}% | "
-                     f"{cut['reduction_measured_pct']:.1f}% | {ok} |")
+        lines.append(
+            f"| {cut['partition']} | {cut['blocks']} | {cut['largest_estimated_bytes'] / MB:.1f} MB | "
+            f"{cut['largest_measured_bytes'] / MB:.1f} MB | {cut['reduction_estimated_pct']:.1f}% | "
+            f"{cut['reduction_measured_pct']:.1f}% | {ok} |"
+        )
     return lines
 
 
@@ -110,12 +136,26 @@ ACCURACY = {"model_width": 0.25, "rounds": 60, "max_steps": 10, "eval_every": 2}
 def accuracy_base(quick: bool) -> dict[str, Any]:
     a = ACCURACY
     return {
-        "run": {"model": "cnn", "dataset": "fashion-mnist", "clients": 100, "per_round": 10,
-                "rounds": 4 if quick else a["rounds"], "eval_every": 1 if quick else a["eval_every"],
-                "partition": "dirichlet:0.5", "budgets": "relative:0.1-1.1", "seed": 0,
-                "model_width": a["model_width"]},
-        "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                  "max_steps": 2 if quick else a["max_steps"]},
+        "run": {
+            "model": "cnn",
+            "dataset": "fashion-mnist",
+            "clients": 100,
+            "per_round": 10,
+            "rounds": 4 if quick else a["rounds"],
+            "eval_every": 1 if quick else a["eval_every"],
+            "partition": "dirichlet:0.5",
+            "budgets": "relative:0.1-1.1",
+            "seed": 0,
+            "model_width": a["model_width"],
+        },
+        "train": {
+            "local_epochs": 1,
+            "batch_size": 32,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "max_steps": 2 if quick else a["max_steps"],
+        },
         "scalefl": {"r_min": 1, "r_max": 1} if quick else {},
     }
 
@@ -138,12 +178,14 @@ def accuracy(out: Path, quick: bool, command: str) -> dict[str, Any]:
     base = accuracy_base(quick)
     summary = compare(out, "scalefl-accuracy", VARIANTS, base, command)
     run_dir = out / "scalefl-accuracy-scalefl"
-    plot_nhsic_plane(load_results(run_dir), out / "scalefl-nhsic.png",
-                     title="nHSIC plane, scalefl (cnn, Fashion-MNIST)")
+    plot_nhsic_plane(
+        load_results(run_dir), out / "scalefl-nhsic.png", title="nHSIC plane, scalefl (cnn, Fashion-MNIST)"
+    )
     return summary
 
 
 # ------------------------------------------------------------------------------ the benchmark
+
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
     command = f"memfl bench scalefl --out {out}" + (" --quick" if quick else "")
@@ -172,13 +214,21 @@ def _run(out: Path, quick: bool, command: str) -> dict[str, Any]:
     t_acc = time.perf_counter() - t0 - t_mem
     fin = {k: 100 * v["final_accuracy"] for k, v in acc.items()}
     goals = {
-        "memory_reduction_ge_60pct": {cut["partition"] + f":T{cut['blocks']}": cut["reduction_measured_pct"] >= 60
-                                      for cut in mem["cuts"]},
+        "memory_reduction_ge_60pct": {
+            cut["partition"] + f":T{cut['blocks']}": cut["reduction_measured_pct"] >= 60 for cut in mem["cuts"]
+        },
         "scalefl_ge_exclusive_plus_5": fin["scalefl"] >= fin["exclusive"] + 5,
         "scalefl_within_2_of_fedavg": fin["scalefl"] >= fin["fedavg"] - 2,
     }
-    result = {"command": command, "quick": quick, "torch": torch.__version__, "memory": mem, "accuracy": acc,
-              "goals": goals, "seconds": {"memory": t_mem, "accuracy": t_acc}}
+    result = {
+        "command": command,
+        "quick": quick,
+        "torch": torch.__version__,
+        "memory": mem,
+        "accuracy": acc,
+        "goals": goals,
+        "seconds": {"memory": t_mem, "accuracy": t_acc},
+    }
     (out / "scalefl.json").write_text(json.dumps(result, indent=1))
     write_markdown(out, result)
     return result
@@ -196,12 +246,18 @@ def write_markdown(out: Path, result: dict[str, Any]) -> Path:
         return "met" if ok else "not met"
 
     acc_md = (out / "scalefl-accuracy.md").read_text().splitlines()
-    lines = [f"## ScaleFL (`{command}`, torch {result['torch']})", ""] + memory_markdown(mem) + [
-        "", "### Accuracy", ""] + acc_md + [
-        "", "| method | final | mean of the last 5 evaluations | best |", "|---|---:|---:|---:|"]
+    lines = (
+        [f"## ScaleFL (`{command}`, torch {result['torch']})", ""]
+        + memory_markdown(mem)
+        + ["", "### Accuracy", ""]
+        + acc_md
+        + ["", "| method | final | mean of the last 5 evaluations | best |", "|---|---:|---:|---:|"]
+    )
     lines += [f"| {k} | {fin[k]:.2f}% | {last[k]:.2f}% | {best[k]:.2f}% |" for k in acc]
     lines += [
-        "", "![nHSIC plane](scalefl-nhsic.png)", "",
+        "",
+        "![nHSIC plane](scalefl-nhsic.png)",
+        "",
         "Goals (points of test accuracy):",
         f"- scalefl >= exclusive + 5: final {fin['scalefl']:.2f} vs {fin['exclusive'] + 5:.2f} "
         f"({verdict(fin['scalefl'] >= fin['exclusive'] + 5)}); last-5 mean {last['scalefl']:.2f} vs "
@@ -241,17 +297,26 @@ def _load_fmnist():
     return load_dataset("fashion-mnist")
 
 
-def blockwise_proxy(data, mentor: dict[str, Any] | None, *, steps: int = 150, batch: int = 64, width: float = 0.25,
-                    seed: int = 0, harmonizer: bool = True, exit_width: str = "light") -> dict[str, Any]:
+def blockwise_proxy(
+    data,
+    mentor: dict[str, Any] | None,
+    *,
+    steps: int = 150,
+    batch: int = 64,
+    width: float = 0.25,
+    seed: int = 0,
+    harmonizer: bool = True,
+    exit_width: str = "light",
+) -> dict[str, Any]:
     """Centralised sequential block-wise training (ScaleFL's local computation without the
     federation): each of the 4 stages trains ``steps`` SGD steps; returns the test accuracy of every
     exit after its stage and of the final model, and the nHSIC point of each block."""
     from memfl.core.engine import prepare
     from memfl.core.optim import make_optimizer
-    from memfl.core.trainer import evaluate
-    from memfl.models import build_model
     from memfl.core.protocol import Plan
+    from memfl.core.trainer import evaluate
     from memfl.methods.scalefl import ScaleFLModel
+    from memfl.models import build_model
 
     torch.manual_seed(seed)
     sm = ScaleFLModel(build_model("cnn", width=width), 4, exit_width=exit_width)
@@ -306,21 +371,35 @@ def mentor_search(out: Path, quick: bool = False, seeds: tuple[int, ...] = (0, 1
         runs = [blockwise_proxy(data, mentor, steps=steps, seed=s) for s in (seeds[:1] if quick else seeds)]
         finals = [r["final_accuracy"] for r in runs]
         results[label] = {"mentor": mentor, "final_accuracy": sum(finals) / len(finals), "runs": runs}
-        print(f"[mentor search] {label}: final {100 * results[label]['final_accuracy']:.2f}% "
-              f"(stages {[round(100 * a, 1) for a in runs[0]['stage_accuracy']]})", flush=True)
+        print(
+            f"[mentor search] {label}: final {100 * results[label]['final_accuracy']:.2f}% "
+            f"(stages {[round(100 * a, 1) for a in runs[0]['stage_accuracy']]})",
+            flush=True,
+        )
     ref = [end_to_end_proxy(data, steps=4 * steps, seed=s) for s in (seeds[:1] if quick else seeds)]
     print(f"[mentor search] end-to-end reference: {100 * sum(ref) / len(ref):.2f}%", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scalefl-mentor-search.json").write_text(json.dumps({"candidates": results, "end_to_end": ref}, indent=1))
-    lines = ["| curriculum | beta (first->last) | gamma (first->last) | final acc. (mean of seeds) | "
-             "acc. after stage 1..4 (seed 0) |", "|---|---|---|---:|---|"]
+    lines = [
+        "| curriculum | beta (first->last) | gamma (first->last) | final acc. (mean of seeds) | "
+        "acc. after stage 1..4 (seed 0) |",
+        "|---|---|---|---:|---|",
+    ]
     for label, r in results.items():
         m = r["mentor"] or {}
-        lines.append(f"| {label} | {m.get('beta', '-')} | {m.get('gamma', '-')} | {100 * r['final_accuracy']:.2f}% | "
-                     + ", ".join(f"{100 * a:.1f}" for a in r["runs"][0]["stage_accuracy"]) + " |")
-    lines.append(f"| end-to-end training, {4 * steps} steps (reference) | - | - | {100 * sum(ref) / len(ref):.2f}% | - |")
-    lines += ["", f"{steps} SGD steps of batch 64 per stage, lr 0.05, cnn width 0.25, seeds {list(seeds)}; "
-                  f"{(time.perf_counter() - t0) / 60:.1f} min."]
+        lines.append(
+            f"| {label} | {m.get('beta', '-')} | {m.get('gamma', '-')} | {100 * r['final_accuracy']:.2f}% | "
+            + ", ".join(f"{100 * a:.1f}" for a in r["runs"][0]["stage_accuracy"])
+            + " |"
+        )
+    lines.append(
+        f"| end-to-end training, {4 * steps} steps (reference) | - | - | {100 * sum(ref) / len(ref):.2f}% | - |"
+    )
+    lines += [
+        "",
+        f"{steps} SGD steps of batch 64 per stage, lr 0.05, cnn width 0.25, seeds {list(seeds)}; "
+        f"{(time.perf_counter() - t0) / 60:.1f} min.",
+    ]
     (out / "scalefl-mentor-search.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results
@@ -331,5 +410,7 @@ if __name__ == "__main__":  # python -m memfl.bench.scalefl --mentor-search OUT 
         torch.set_num_threads(1)  # see run(): one intra-op thread on a shared 2-core machine
         mentor_search(Path(sys.argv[2]), quick="--quick" in sys.argv)
     else:
-        print("usage: python -m memfl.bench.scalefl --mentor-search OUT [--quick]  "
-              "(the benchmark itself: memfl bench scalefl)")
+        print(
+            "usage: python -m memfl.bench.scalefl --mentor-search OUT [--quick]  "
+            "(the benchmark itself: memfl bench scalefl)"
+        )

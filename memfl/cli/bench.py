@@ -7,6 +7,7 @@ from pathlib import Path
 
 from memfl.cli.common import UsageError, console
 
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from memfl.bench import BENCHMARKS, run_benchmark
 
@@ -23,8 +24,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="run a named benchmark (results + markdown table)")
-    p.add_argument("name", help="memory | overhead | fedavg | scalefl | hybrid (hybrid-fit, hybrid-predictor, "
-                   "hybrid-federation) | flower")
+    p.add_argument(
+        "name",
+        help="memory | overhead | fedavg | scalefl | hybrid (hybrid-fit, hybrid-predictor, hybrid-federation) | flower",
+    )
     p.add_argument("--out", default="results/bench")
     p.add_argument("--quick", action="store_true", help="a smaller version for a smoke test")
     p.set_defaults(func=cmd_bench)

@@ -66,11 +66,16 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags shared by ``memfl run`` and the other runtimes."""
     p.add_argument("--config", help="TOML config file (flags override it)")
     for flag, (key, typ) in RUN_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None,
-                       help=f"overrides {key}")
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None, help=f"overrides {key}")
     for flag, (key, value) in RUN_SWITCHES.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_const", const=value,
-                       default=None, help=f"sets {key} = {str(value).lower()}")
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            dest=flag,
+            action="store_const",
+            const=value,
+            default=None,
+            help=f"sets {key} = {str(value).lower()}",
+        )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -99,12 +104,17 @@ def parse_plan(text: str, **context: Any):
     from memfl.core.protocol import Plan
 
     if text.startswith("budget:"):  # FedHybrid: the fastest hybrid plan under budget X (docs/FEDHYBRID.md)
-        from memfl.methods.fedhybrid.solve import solve_for_model
         from memfl.methods.fedhybrid.planner import InfeasibleBudget
+        from memfl.methods.fedhybrid.solve import solve_for_model
 
         try:
-            choice, _, _ = solve_for_model(context["model_fn"], context["input_shape"], text[len("budget:"):],
-                                           optimizer=context.get("optimizer", "sgd"), timing=True)
+            choice, _, _ = solve_for_model(
+                context["model_fn"],
+                context["input_shape"],
+                text[len("budget:") :],
+                optimizer=context.get("optimizer", "sgd"),
+                timing=True,
+            )
         except (InfeasibleBudget, ValueError) as err:
             raise UsageError(f"--plan {text}: {err}") from None
         return choice.plan

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from memfl.cli.common import UsageError, model_factory, parse_plan, parse_shape
 
+
 def cmd_memory(args: argparse.Namespace) -> int:
     from memfl.memory import estimate, measure
 
@@ -27,8 +28,14 @@ def cmd_memory(args: argparse.Namespace) -> int:
     elif plan.kind == "width":  # a HeteroFL client holds the width-scaled sub-model
         factory = partial(factory, width=plan.width)
     est = estimate(factory(), input_shape, optimizer=args.optimizer, plan=plan)
-    out: dict[str, Any] = {"model": args.model, "input_shape": list(input_shape), "optimizer": args.optimizer,
-                           "plan": plan.to_json(), "peak_bytes": est.peak_bytes, "breakdown": est.breakdown()}
+    out: dict[str, Any] = {
+        "model": args.model,
+        "input_shape": list(input_shape),
+        "optimizer": args.optimizer,
+        "plan": plan.to_json(),
+        "peak_bytes": est.peak_bytes,
+        "breakdown": est.breakdown(),
+    }
     if args.measure:
         m = measure(factory, input_shape, optimizer=args.optimizer, plan=plan, device=args.device)
         out["measured_peak_bytes"] = m.peak_bytes

@@ -24,21 +24,35 @@ def cmd_plan(args: Any) -> int:
     input_shape = (args.batch, *shape)
     try:
         choice, prof, full_peak = solve_for_model(
-            factory, input_shape, args.budget, optimizer=args.optimizer, speed=args.speed,
-            margin=args.margin, min_bits=args.min_bits, slack_bytes=int(args.slack * MB))
+            factory,
+            input_shape,
+            args.budget,
+            optimizer=args.optimizer,
+            speed=args.speed,
+            margin=args.margin,
+            min_bits=args.min_bits,
+            slack_bytes=int(args.slack * MB),
+        )
     except InfeasibleBudget as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
         raise UsageError(f"--budget: {err}") from None
     out: dict[str, Any] = {
-        "model": args.model, "input_shape": list(input_shape), "optimizer": args.optimizer,
-        "budget_bytes": choice.budget_bytes, "full_peak_bytes": full_peak,
+        "model": args.model,
+        "input_shape": list(input_shape),
+        "optimizer": args.optimizer,
+        "budget_bytes": choice.budget_bytes,
+        "full_peak_bytes": full_peak,
         "fused_step": bool(choice.plan.options.get("fused_step", False)),
         "predicted_peak_bytes": choice.predicted_peak_bytes,
-        "added_seconds": choice.added_seconds, "full_step_seconds": choice.step_seconds,
-        "step_time_ratio": choice.step_time_ratio, "predicted_step_time_ratio": choice.step_time_ratio,
-        "plan": choice.plan.to_json(), "segments": segment_rows(prof, choice, args.speed),
-        "solve_seconds": choice.solve_seconds, "speed": args.speed,
+        "added_seconds": choice.added_seconds,
+        "full_step_seconds": choice.step_seconds,
+        "step_time_ratio": choice.step_time_ratio,
+        "predicted_step_time_ratio": choice.step_time_ratio,
+        "plan": choice.plan.to_json(),
+        "segments": segment_rows(prof, choice, args.speed),
+        "solve_seconds": choice.solve_seconds,
+        "speed": args.speed,
     }
     if args.measure:
         from memfl.memory import measure
@@ -57,9 +71,11 @@ def cmd_plan(args: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.model} {args.input} batch {args.batch}, {args.optimizer}: plan for "
-                        f"{choice.budget_bytes / MB:.1f} MB ({choice.budget_bytes / full_peak:.0%} of "
-                        f"the full-training peak {full_peak / MB:.1f} MB)")
+    table = Table(
+        title=f"{args.model} {args.input} batch {args.batch}, {args.optimizer}: plan for "
+        f"{choice.budget_bytes / MB:.1f} MB ({choice.budget_bytes / full_peak:.0%} of "
+        f"the full-training peak {full_peak / MB:.1f} MB)"
+    )
     table.add_column("segment")
     table.add_column("mode")
     table.add_column("saved MB (full precision)", justify="right")
@@ -68,14 +84,18 @@ def cmd_plan(args: Any) -> int:
         table.add_row(r["segment"], r["mode"], f"{r['saved_bytes'] / MB:.2f}", f"{1000 * r['added_seconds']:.1f}")
     console = Console()
     console.print(table)
-    console.print(f"predicted peak {choice.predicted_peak_bytes / MB:.1f} MB (budget "
-                  f"{choice.budget_bytes / MB:.1f} MB, margin {args.margin:.0%}); added "
-                  f"{1000 * choice.added_seconds:.0f} ms per step = {choice.step_time_ratio:.2f}x the "
-                  f"full step (predicted, device speed {args.speed:g}); solved in {choice.solve_seconds:.1f} s")
+    console.print(
+        f"predicted peak {choice.predicted_peak_bytes / MB:.1f} MB (budget "
+        f"{choice.budget_bytes / MB:.1f} MB, margin {args.margin:.0%}); added "
+        f"{1000 * choice.added_seconds:.0f} ms per step = {choice.step_time_ratio:.2f}x the "
+        f"full step (predicted, device speed {args.speed:g}); solved in {choice.solve_seconds:.1f} s"
+    )
     if args.measure:
-        console.print(f"measured peak {out['measured_peak_bytes'] / MB:.1f} MB "
-                      f"({'fits' if out['fits'] else 'DOES NOT FIT'}); step {out['step_seconds']:.3f} s vs "
-                      f"full {out['measured_full_step_seconds']:.3f} s = {out['step_time_ratio']:.2f}x")
+        console.print(
+            f"measured peak {out['measured_peak_bytes'] / MB:.1f} MB "
+            f"({'fits' if out['fits'] else 'DOES NOT FIT'}); step {out['step_seconds']:.3f} s vs "
+            f"full {out['measured_full_step_seconds']:.3f} s = {out['step_time_ratio']:.2f}x"
+        )
     return 0
 
 
@@ -90,13 +110,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=1.0, help="model width multiplier")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--speed", type=float, default=1.0, help="device speed (1.0 = this machine)")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help="plan for a peak of at most budget x (1 - margin)")
-    p.add_argument("--slack", type=float, default=0.0,
-                   help="MB kept free on top of the margin (the estimator's absolute error, 1-3 MB, "
-                        "matters for small models)")
-    p.add_argument("--min-bits", dest="min_bits", type=float, default=DEFAULT_MIN_BITS,
-                   help="accuracy guard: lowest average bits a segment may be compressed to")
+    p.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN, help="plan for a peak of at most budget x (1 - margin)"
+    )
+    p.add_argument(
+        "--slack",
+        type=float,
+        default=0.0,
+        help="MB kept free on top of the margin (the estimator's absolute error, 1-3 MB, matters for small models)",
+    )
+    p.add_argument(
+        "--min-bits",
+        dest="min_bits",
+        type=float,
+        default=DEFAULT_MIN_BITS,
+        help="accuracy guard: lowest average bits a segment may be compressed to",
+    )
     p.add_argument("--steps", type=int, default=3, help="training steps per measurement")
     p.add_argument("--measure", action="store_true", help="also measure the plan and full training")
     p.add_argument("--json", action="store_true", help="print one JSON object")

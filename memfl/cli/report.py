@@ -9,6 +9,7 @@ from rich.console import Console
 
 from memfl.cli.common import console
 
+
 def cmd_report(args: argparse.Namespace) -> int:
     from memfl.report import load_results, plot_accuracy, rounds_table
 

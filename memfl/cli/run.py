@@ -9,6 +9,7 @@ from rich.console import Console
 
 from memfl.cli.common import add_run_flags, config_from_args, console
 
+
 def cmd_run(args: argparse.Namespace) -> int:
     from memfl.report import rounds_table
     from memfl.runtime.sim import run_experiment
@@ -22,8 +23,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"plot: {plot_nhsic_plane(results, out / 'nhsic_plane.png')}")
     Console().print(rounds_table(results))
     s = results["summary"]
-    Console().print(f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}%  ·  virtual time {s['virtual_seconds']:.0f} s"
-                    f"  ·  results in {out / 'results.json'}, plot {out / 'accuracy.png'}")
+    Console().print(
+        f"final accuracy {100 * (s['final_accuracy'] or 0):.2f}%  ·  virtual time {s['virtual_seconds']:.0f} s"
+        f"  ·  results in {out / 'results.json'}, plot {out / 'accuracy.png'}"
+    )
     return 0
 
 

@@ -88,9 +88,5 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> TrainStep:
     try:
         engine = ENGINES[plan.kind]
     except KeyError:
-        raise ValueError(
-            f"no engine for plan kind {plan.kind!r}; available: {', '.join(sorted(ENGINES))}"
-        ) from None
+        raise ValueError(f"no engine for plan kind {plan.kind!r}; available: {', '.join(sorted(ENGINES))}") from None
     return engine(model, plan)
-
-

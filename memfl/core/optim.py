@@ -11,8 +11,9 @@ from torch import nn
 from memfl.core.engine import TrainStep
 
 
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[nn.Parameter], name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """SGD (with momentum) or Adam over ``params``."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -40,9 +41,13 @@ class StepInBackward:
     in ``backward()``); ``remove()`` detaches the hooks.
     """
 
-    def __init__(self, params: list[nn.Parameter],
-                 factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-                 prox_mu: float = 0.0, anchor: list[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        prox_mu: float = 0.0,
+        anchor: list[torch.Tensor] | None = None,
+    ) -> None:
         self.params = list(params)
         self.optimizers = [factory([p]) for p in self.params]
         self.prox_mu = float(prox_mu)
@@ -55,8 +60,7 @@ class StepInBackward:
     def attach(self) -> None:
         """(Re-)register the hooks (after :meth:`remove`; the optimizers keep their state)."""
         if not self._handles:
-            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i))
-                             for i, p in enumerate(self.params)]
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
 
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         opt = self.optimizers[i]
@@ -83,10 +87,18 @@ class StepInBackward:
         self._handles = []
 
 
-def make_step_optimizer(step: TrainStep, params: list[nn.Parameter], name: str, lr: float,
-                        momentum: float = 0.9, weight_decay: float = 0.0, *,
-                        prox_mu: float = 0.0, anchor: list[torch.Tensor] | None = None,
-                        max_grad_norm: float | None = None):
+def make_step_optimizer(
+    step: TrainStep,
+    params: list[nn.Parameter],
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    prox_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
+    max_grad_norm: float | None = None,
+):
     """The optimizer for ``step``: :func:`make_optimizer`, or a :class:`StepInBackward` when the
     step fuses the optimizer into backward (``step.step_in_backward``).
 
@@ -98,11 +110,13 @@ def make_step_optimizer(step: TrainStep, params: list[nn.Parameter], name: str, 
     if not step.step_in_backward:
         return make_optimizer(params, name, lr, momentum, weight_decay)
     if max_grad_norm is not None:
-        raise ValueError("gradient clipping by global norm needs all gradients before the step; "
-                         "it cannot be combined with a plan that fuses the optimizer step into "
-                         "backward (plan option fused_step)")
+        raise ValueError(
+            "gradient clipping by global norm needs all gradients before the step; "
+            "it cannot be combined with a plan that fuses the optimizer step into "
+            "backward (plan option fused_step)"
+        )
     if name not in ("sgd", "adam"):
-        raise ValueError(f"optimizer {name!r} is not known to be per-parameter; a fused step "
-                         "supports 'sgd' and 'adam'")
-    return StepInBackward(params, lambda ps: make_optimizer(ps, name, lr, momentum, weight_decay),
-                          prox_mu=prox_mu, anchor=anchor)
+        raise ValueError(f"optimizer {name!r} is not known to be per-parameter; a fused step supports 'sgd' and 'adam'")
+    return StepInBackward(
+        params, lambda ps: make_optimizer(ps, name, lr, momentum, weight_decay), prox_mu=prox_mu, anchor=anchor
+    )

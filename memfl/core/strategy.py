@@ -9,16 +9,16 @@ simulator and the Flower ServerApp) call exactly these two methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from memfl.core.aggregate import fedavg
 from memfl.core.engine import prepare
 from memfl.core.protocol import HyperParams, Instruction, Plan, Result
-from memfl.core.aggregate import fedavg
 from memfl.core.seeding import round_seed
 
 
@@ -83,8 +83,9 @@ class Strategy:
         Pure: the same (client, round) gives the same plan, and nothing is recorded."""
         return Plan()
 
-    def select(self, round: int, candidates: list[ClientInfo], k: int,
-               rng: np.random.Generator, plans: Mapping[int, Plan]) -> list[ClientInfo]:
+    def select(
+        self, round: int, candidates: list[ClientInfo], k: int, rng: np.random.Generator, plans: Mapping[int, Plan]
+    ) -> list[ClientInfo]:
         """Pick ``k`` of the eligible ``candidates`` (uniformly at random here).
 
         plans: client id -> the plan :meth:`plan_for` gave each candidate (a selector that weighs
@@ -95,8 +96,9 @@ class Strategy:
         return [candidates[i] for i in sorted(idx)]
 
     @classmethod
-    def wrap_model_fn(cls, model_fn: Callable[[Plan], nn.Module],
-                      ctx: FederationContext) -> Callable[[Plan], nn.Module]:
+    def wrap_model_fn(
+        cls, model_fn: Callable[[Plan], nn.Module], ctx: FederationContext
+    ) -> Callable[[Plan], nn.Module]:
         """The model every client and the server hold, built from the architecture's ``model_fn``.
 
         Identity here; a method whose global model holds more than the architecture overrides it
@@ -107,31 +109,32 @@ class Strategy:
         return model_fn
 
     # -- the two calls a runtime makes -----------------------------------------------------
-    def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        clients: list[ClientInfo]) -> list[Instruction]:
+    def configure_train(
+        self, round: int, global_params: dict[str, torch.Tensor], clients: list[ClientInfo]
+    ) -> list[Instruction]:
         """One instruction per selected client for ``round`` (1-based)."""
         plans, chosen = self.plan_and_select(round, clients)
         return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
-    def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        results: list[Result]) -> dict[str, torch.Tensor]:
+    def aggregate_train(
+        self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
+    ) -> dict[str, torch.Tensor]:
         """Merge ``results`` into the next global parameters (sample-weighted FedAvg)."""
         return fedavg(global_params, results) if results else dict(global_params)
 
     # -- helpers -----------------------------------------------------------------------------
-    def plan_and_select(self, round: int,
-                        clients: list[ClientInfo]) -> tuple[dict[int, Plan | None], list[ClientInfo]]:
+    def plan_and_select(self, round: int, clients: list[ClientInfo]) -> tuple[dict[int, Plan | None], list[ClientInfo]]:
         """(client id -> :meth:`plan_for`'s plan or None, the clients :meth:`select` chose among
         those with a plan); the selection's generator is seeded by (seed, round)."""
         rng = np.random.default_rng([self.ctx.seed, round])
         plans = {c.id: self.plan_for(c, round) for c in clients}
         candidates = [c for c in clients if plans[c.id] is not None]
-        chosen = self.select(round, candidates, self.ctx.per_round, rng,
-                             {c.id: plans[c.id] for c in candidates})
+        chosen = self.select(round, candidates, self.ctx.per_round, rng, {c.id: plans[c.id] for c in candidates})
         return plans, chosen
 
-    def instruction(self, round: int, client: ClientInfo, plan: Plan,
-                    global_params: dict[str, torch.Tensor]) -> Instruction:
+    def instruction(
+        self, round: int, client: ClientInfo, plan: Plan, global_params: dict[str, torch.Tensor]
+    ) -> Instruction:
         return Instruction(
             round=round,
             client_id=client.id,

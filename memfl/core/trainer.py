@@ -64,8 +64,9 @@ class LocalTrainer:
         anchor = [p.detach().clone() for p in params] if hp.prox_mu > 0 else None
         # a fused step (plan option) updates each parameter inside backward; it then applies the
         # FedProx term itself, so the loss gets it only without fusion
-        optimizer = make_step_optimizer(step, params, hp.optimizer, hp.lr, hp.momentum,
-                                        hp.weight_decay, prox_mu=hp.prox_mu, anchor=anchor)
+        optimizer = make_step_optimizer(
+            step, params, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, prox_mu=hp.prox_mu, anchor=anchor
+        )
         prox_in_loss = anchor is not None and not step.step_in_backward
         saved = step.saved_tensors or contextlib.nullcontext
 
@@ -84,7 +85,7 @@ class LocalTrainer:
                 order = torch.randperm(n, generator=gen)
                 last_epoch = epoch == hp.local_epochs - 1
                 for lo in range(0, n, bs):
-                    idx = order[lo:lo + bs]
+                    idx = order[lo : lo + bs]
                     if len(idx) < 2:  # BatchNorm cannot train on one sample
                         continue
                     xb = x[idx].to(self.device, non_blocking=True)
@@ -128,20 +129,23 @@ class LocalTrainer:
             compute_seconds=seconds,
             steps=steps,
             predicted_peak_bytes=instruction.predicted_peak_bytes,
-            metrics={"loss_sq_mean": float((sample ** 2).mean()) if len(sample) else 0.0,
-                     **(step.metrics() if step.metrics is not None else {})},
+            metrics={
+                "loss_sq_mean": float((sample**2).mean()) if len(sample) else 0.0,
+                **(step.metrics() if step.metrics is not None else {}),
+            },
         )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
-             device: str | torch.device = "cpu") -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
     """Return (accuracy, mean cross-entropy) of ``model`` on (x, y)."""
     model.eval()
     correct, loss_sum = 0, 0.0
     for lo in range(0, len(x), batch_size):
-        xb = x[lo:lo + batch_size].to(device)
-        yb = y[lo:lo + batch_size].to(device)
+        xb = x[lo : lo + batch_size].to(device)
+        yb = y[lo : lo + batch_size].to(device)
         logits = model(xb)
         loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())

@@ -26,19 +26,26 @@ import numpy as np
 
 from memfl.data.idx import DataError
 
-__all__ = ["CIFAR_LAYOUTS", "CifarLayout", "find_cifar_folder", "find_cifar_archive", "extract_cifar_archive",
-           "load_cifar", "read_cifar_batch"]
+__all__ = [
+    "CIFAR_LAYOUTS",
+    "CifarLayout",
+    "find_cifar_folder",
+    "find_cifar_archive",
+    "extract_cifar_archive",
+    "load_cifar",
+    "read_cifar_batch",
+]
 
 
 @dataclass(frozen=True)
 class CifarLayout:
     """Where a CIFAR variant's files live and how its batches are keyed."""
 
-    folder: str                 # the folder inside the archive
-    archive: str                # the canonical archive name
-    train: tuple[str, ...]      # batch files making up the training set
-    test: tuple[str, ...]       # batch files making up the test set
-    label_key: bytes            # the dict key holding the labels
+    folder: str  # the folder inside the archive
+    archive: str  # the canonical archive name
+    train: tuple[str, ...]  # batch files making up the training set
+    test: tuple[str, ...]  # batch files making up the test set
+    label_key: bytes  # the dict key holding the labels
     num_classes: int
 
 
@@ -172,8 +179,9 @@ def extract_cifar_archive(archive: str | os.PathLike, dest: str | os.PathLike, n
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:
-                members = [m for m in tar.getmembers()
-                           if m.name == layout.folder or m.name.startswith(layout.folder + "/")]
+                members = [
+                    m for m in tar.getmembers() if m.name == layout.folder or m.name.startswith(layout.folder + "/")
+                ]
                 if not members:
                     raise DataError(f"{archive}: archive has no '{layout.folder}/' folder")
                 tar.extractall(tmp, members=members, filter="data")

@@ -63,10 +63,14 @@ SYSTEM_DATA_ROOTS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 DOWNLOAD_TIMEOUT_S = 60.0
 
 _ALIASES = {
-    "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+    "fashion-mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
     "mnist": "mnist",
-    "cifar10": "cifar10", "cifar-10": "cifar10",
-    "cifar100": "cifar100", "cifar-100": "cifar100",
+    "cifar10": "cifar10",
+    "cifar-10": "cifar10",
+    "cifar100": "cifar100",
+    "cifar-100": "cifar100",
     "synthetic": "synthetic",
 }
 
@@ -77,19 +81,23 @@ _IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images
 @dataclass(frozen=True)
 class _Spec:
     name: str
-    kind: str                               # "idx" | "cifar"
+    kind: str  # "idx" | "cifar"
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     base_url: str
-    md5: dict[str, str]                     # canonical file name -> md5 (checked for canonical downloads)
-    subfolders: tuple[str, ...]             # per-data-set subfolder names tried inside a root
+    md5: dict[str, str]  # canonical file name -> md5 (checked for canonical downloads)
+    subfolders: tuple[str, ...]  # per-data-set subfolder names tried inside a root
     hint: str = ""
 
 
 _SPECS: dict[str, _Spec] = {
     "fashion-mnist": _Spec(
-        "fashion-mnist", "idx", 10, (0.2860,), (0.3530,),
+        "fashion-mnist",
+        "idx",
+        10,
+        (0.2860,),
+        (0.3530,),
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         {
             "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
@@ -102,7 +110,11 @@ _SPECS: dict[str, _Spec] = {
         "files land in /usr/share/datasets/fashion-mnist), or ",
     ),
     "mnist": _Spec(
-        "mnist", "idx", 10, (0.1307,), (0.3081,),
+        "mnist",
+        "idx",
+        10,
+        (0.1307,),
+        (0.3081,),
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         {
             "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -113,13 +125,21 @@ _SPECS: dict[str, _Spec] = {
         ("mnist", "MNIST/raw"),
     ),
     "cifar10": _Spec(
-        "cifar10", "cifar", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "cifar10",
+        "cifar",
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
         "https://www.cs.toronto.edu/~kriz/",
         {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
         ("cifar10", "cifar-10"),
     ),
     "cifar100": _Spec(
-        "cifar100", "cifar", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        "cifar100",
+        "cifar",
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
         "https://www.cs.toronto.edu/~kriz/",
         {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
         ("cifar100", "cifar-100"),
@@ -159,18 +179,23 @@ class Dataset:
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if x.dim() < 2:
-                raise ValueError(f"{self.name}: {split}_x must be (N, ...) with at least 2 dimensions "
-                                 f"(one sample per row), got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"{self.name}: {split}_x must be (N, ...) with at least 2 dimensions "
+                    f"(one sample per row), got shape {tuple(x.shape)}"
+                )
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"{self.name}: {split}_y has shape {tuple(y.shape)} for {x.shape[0]} inputs")
             if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
                 raise ValueError(f"{self.name}: {split}_y must hold integer class indices, got {y.dtype}")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise ValueError(f"{self.name}: train and test inputs differ in shape "
-                             f"({tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])})")
+            raise ValueError(
+                f"{self.name}: train and test inputs differ in shape "
+                f"({tuple(self.train_x.shape[1:])} vs {tuple(self.test_x.shape[1:])})"
+            )
         if self.train_x.dtype != self.test_x.dtype:
-            raise ValueError(f"{self.name}: train and test inputs differ in dtype "
-                             f"({self.train_x.dtype} vs {self.test_x.dtype})")
+            raise ValueError(
+                f"{self.name}: train and test inputs differ in dtype ({self.train_x.dtype} vs {self.test_x.dtype})"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -193,8 +218,10 @@ class Dataset:
         return int(self.test_x.shape[0])
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={self.num_train}, test={self.num_test}, "
-                f"input_shape={self.input_shape}, num_classes={self.num_classes}, source={self.source!r})")
+        return (
+            f"Dataset({self.name!r}, train={self.num_train}, test={self.num_test}, "
+            f"input_shape={self.input_shape}, num_classes={self.num_classes}, source={self.source!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +363,9 @@ def _download_file(url: str, dest: Path, *, md5: str | None = None, progress: bo
 def _progress_bar(label: str, total: int):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   transient=True)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
+    )
     task = bar.add_task(f"downloading {label}", total=total or None)
     bar.start()
     return bar, task
@@ -528,7 +556,7 @@ def make_synthetic(
 
     train_x, train_y = split(num_train)
     test_x, test_y = split(num_test)
-    scale = float(2.0 ** 0.5)  # pattern and noise both have unit variance
+    scale = float(2.0**0.5)  # pattern and noise both have unit variance
     return Dataset(
         name="synthetic",
         train_x=(train_x / scale).contiguous(),

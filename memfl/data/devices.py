@@ -89,23 +89,47 @@ _TABLE = [
     ("phone-6gb", "phone", 6, 0.45, 0.80, f"Snapdragon 750G/778G class; {_GB5}; {_ANDROID}"),
     ("phone-8gb", "phone", 8, 0.50, 1.20, f"Snapdragon 865/888 class; {_GB5}; {_ANDROID}"),
     ("phone-12gb", "phone", 12, 0.50, 1.60, f"Snapdragon 8 Gen 2 class; {_GB5}; {_ANDROID}"),
-    ("jetson-nano", "board", 4, 0.55, 0.90,
-     "NVIDIA Jetson Nano datasheet: 128-core Maxwell GPU 236 GFLOPS FP32, 4 GB shared LPDDR4"),
-    ("jetson-tx2", "board", 8, 0.70, 2.00,
-     "NVIDIA Jetson TX2 datasheet: 256-core Pascal GPU ~665 GFLOPS FP32, 8 GB shared LPDDR4"),
-    ("jetson-xavier-nx", "board", 8, 0.70, 2.50,
-     "NVIDIA Jetson Xavier NX datasheet: 384-core Volta GPU ~845 GFLOPS FP32, 8 GB shared LPDDR4x"),
+    (
+        "jetson-nano",
+        "board",
+        4,
+        0.55,
+        0.90,
+        "NVIDIA Jetson Nano datasheet: 128-core Maxwell GPU 236 GFLOPS FP32, 4 GB shared LPDDR4",
+    ),
+    (
+        "jetson-tx2",
+        "board",
+        8,
+        0.70,
+        2.00,
+        "NVIDIA Jetson TX2 datasheet: 256-core Pascal GPU ~665 GFLOPS FP32, 8 GB shared LPDDR4",
+    ),
+    (
+        "jetson-xavier-nx",
+        "board",
+        8,
+        0.70,
+        2.50,
+        "NVIDIA Jetson Xavier NX datasheet: 384-core Volta GPU ~845 GFLOPS FP32, 8 GB shared LPDDR4x",
+    ),
     ("rpi4-2gb", "board", 2, 0.70, 0.35, "Raspberry Pi 4 B product brief: 4x Cortex-A72 1.5 GHz; headless OS ~0.2 GB"),
     ("rpi4-4gb", "board", 4, 0.80, 0.35, "Raspberry Pi 4 B product brief: 4x Cortex-A72 1.5 GHz; headless OS ~0.2 GB"),
     ("rpi4-8gb", "board", 8, 0.85, 0.35, "Raspberry Pi 4 B product brief: 4x Cortex-A72 1.5 GHz; headless OS ~0.2 GB"),
-    ("laptop-8gb", "laptop", 8, 0.45, 1.00, "the reference: 2-core/4-thread x86 (Core i5-7200U class); desktop+browser ~4 GB"),
+    (
+        "laptop-8gb",
+        "laptop",
+        8,
+        0.45,
+        1.00,
+        "the reference: 2-core/4-thread x86 (Core i5-7200U class); desktop+browser ~4 GB",
+    ),
     ("laptop-16gb", "laptop", 16, 0.55, 2.00, f"4-core/8-thread x86 (Core i5-1135G7 class); {_GB5}; desktop ~6 GB"),
 ]
 
 #: The device table, by name, in table order.
 DEVICES: dict[str, DeviceProfile] = {
-    name: DeviceProfile(name, kind, gb * 1024, share, speed, source)
-    for name, kind, gb, share, speed, source in _TABLE
+    name: DeviceProfile(name, kind, gb * 1024, share, speed, source) for name, kind, gb, share, speed, source in _TABLE
 }
 
 

@@ -82,8 +82,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None, dtype: int | N
     zero, type_byte, nd = struct.unpack(">HBB", raw[:4])
     if zero != 0 or type_byte not in IDX_DTYPES or nd == 0:
         raise DataError(
-            f"{path}: not an IDX file (magic number 0x{int.from_bytes(raw[:4], 'big'):08X}; "
-            "expected 0x000008nn)"
+            f"{path}: not an IDX file (magic number 0x{int.from_bytes(raw[:4], 'big'):08X}; expected 0x000008nn)"
         )
     if dtype is not None and type_byte != dtype:
         raise DataError(f"{path}: IDX element type 0x{type_byte:02X}, expected 0x{dtype:02X}")

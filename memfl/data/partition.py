@@ -27,7 +27,9 @@ import numpy as np
 __all__ = ["PARTITION_FORMS", "label_histogram", "parse_partition", "partition"]
 
 #: The accepted spec forms, for error messages and help texts.
-PARTITION_FORMS = "'iid', 'dirichlet:ALPHA' (ALPHA > 0, e.g. dirichlet:0.5) or 'classes:K' (integer K >= 1, e.g. classes:2)"
+PARTITION_FORMS = (
+    "'iid', 'dirichlet:ALPHA' (ALPHA > 0, e.g. dirichlet:0.5) or 'classes:K' (integer K >= 1, e.g. classes:2)"
+)
 
 #: How many Dirichlet draws are tried before giving up on ``min_size``.
 MAX_DIRICHLET_ATTEMPTS = 1000
@@ -114,8 +116,9 @@ def partition(labels, num_clients: int, spec: str, *, seed: int = 0, min_size: i
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def _dirichlet(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
-               min_size: int) -> list[np.ndarray]:
+def _dirichlet(
+    y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int
+) -> list[np.ndarray]:
     n = y.shape[0]
     if min_size * num_clients > n:
         raise ValueError(

@@ -41,8 +41,10 @@ def import_object(spec: str, what: str = "object") -> Any:
     try:
         obj: Any = importlib.import_module(mod_name.strip())
     except Exception as err:  # ImportError, or whatever the module raised while importing
-        raise ValueError(f"cannot import module {mod_name!r} of {what} {spec!r}: "
-                         f"{type(err).__name__}: {err} (is it on PYTHONPATH / installed?)") from None
+        raise ValueError(
+            f"cannot import module {mod_name!r} of {what} {spec!r}: "
+            f"{type(err).__name__}: {err} (is it on PYTHONPATH / installed?)"
+        ) from None
     for part in attr.strip().split("."):
         if not hasattr(obj, part):
             raise ValueError(f"module {mod_name!r} has no attribute {attr!r} (from {what} {spec!r})")
@@ -69,8 +71,9 @@ def _split(value: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             n = len(value)  # type: ignore[arg-type]
         except TypeError:
-            raise DataError(f"{split}: a dataset needs __len__ (an iterable-style dataset is not supported; "
-                            f"give (x, y) tensors)") from None
+            raise DataError(
+                f"{split}: a dataset needs __len__ (an iterable-style dataset is not supported; give (x, y) tensors)"
+            ) from None
         if n == 0:
             raise DataError(f"{split}: the dataset is empty")
         xs, ys = [], []
@@ -82,22 +85,27 @@ def _split(value: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             ys.append(_tensor(item[1], f"{split}[{i}] label"))
         shapes = {tuple(t.shape) for t in xs}
         if len(shapes) > 1:
-            raise DataError(f"{split}: inputs differ in shape ({', '.join(map(str, sorted(shapes)[:4]))}); "
-                            f"every input must have the same shape")
+            raise DataError(
+                f"{split}: inputs differ in shape ({', '.join(map(str, sorted(shapes)[:4]))}); "
+                f"every input must have the same shape"
+            )
         if any(t.numel() != 1 for t in ys):
             raise DataError(f"{split}: every label must be one integer class index")
         x, y = torch.stack(xs), torch.stack([t.reshape(()) for t in ys])
     else:
-        raise DataError(f"{split} must be an (x, y) pair of tensors/arrays or a torch.utils.data.Dataset "
-                        f"of (input, label) items, got {type(value).__name__}")
+        raise DataError(
+            f"{split} must be an (x, y) pair of tensors/arrays or a torch.utils.data.Dataset "
+            f"of (input, label) items, got {type(value).__name__}"
+        )
     if x.dim() == 1:
-        raise DataError(f"{split} inputs have shape {tuple(x.shape)}: need (N, ...) with one sample per row "
-                        f"(a single feature per sample is (N, 1))")
+        raise DataError(
+            f"{split} inputs have shape {tuple(x.shape)}: need (N, ...) with one sample per row "
+            f"(a single feature per sample is (N, 1))"
+        )
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.dim() != 1:
-        raise DataError(f"{split} labels have shape {tuple(y.shape)}: need (N,) integer class indices "
-                        f"(not one-hot)")
+        raise DataError(f"{split} labels have shape {tuple(y.shape)}: need (N,) integer class indices (not one-hot)")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise DataError(f"{split} labels are {y.dtype}: need integer class indices (e.g. y.long())")
     if x.shape[0] != y.shape[0]:
@@ -109,8 +117,9 @@ def _split(value: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.contiguous(), y.long()
 
 
-def as_dataset(train: Any, test: Any, *, num_classes: int | None = None, name: str = "custom",
-               source: str = "user data") -> Dataset:
+def as_dataset(
+    train: Any, test: Any, *, num_classes: int | None = None, name: str = "custom", source: str = "user data"
+) -> Dataset:
     """Check and convert user data into a :class:`Dataset`.
 
     train, test: each an ``(x, y)`` pair (tensors or anything ``numpy.asarray`` takes) or a
@@ -129,8 +138,7 @@ def as_dataset(train: Any, test: Any, *, num_classes: int | None = None, name: s
     tx, ty = _split(train, "train")
     vx, vy = _split(test, "test")
     if tx.shape[1:] != vx.shape[1:]:
-        raise DataError(f"train inputs are {tuple(tx.shape[1:])} per sample but test inputs "
-                        f"{tuple(vx.shape[1:])}")
+        raise DataError(f"train inputs are {tuple(tx.shape[1:])} per sample but test inputs {tuple(vx.shape[1:])}")
     if tx.dtype != vx.dtype:
         raise DataError(f"train inputs are {tx.dtype} but test inputs {vx.dtype}")
     top = int(max(ty.max(), vy.max())) + 1
@@ -149,6 +157,8 @@ def load_user_dataset(spec: str) -> Dataset:
     if isinstance(value, Dataset):
         return value
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise DataError(f"run.dataset {spec!r} returned a {type(value).__name__}; expected a "
-                        f"memfl.data.Dataset or a (train, test) pair")
+        raise DataError(
+            f"run.dataset {spec!r} returned a {type(value).__name__}; expected a "
+            f"memfl.data.Dataset or a (train, test) pair"
+        )
     return as_dataset(value[0], value[1], name=spec, source=spec)

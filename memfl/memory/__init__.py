@@ -16,5 +16,15 @@ from memfl.memory.estimate import RUNTIME_OVERHEAD_BYTES, MemoryEstimate, estima
 from memfl.memory.inputs import InputSpec, input_spec, random_input
 from memfl.memory.measure import MeasurementError, MemoryMeasurement, measure
 
-__all__ = ["RUNTIME_OVERHEAD_BYTES", "InputSpec", "MeasurementError", "MemoryEstimate", "MemoryMeasurement",
-           "estimate", "input_spec", "measure", "random_input", "tensor_bytes"]
+__all__ = [
+    "RUNTIME_OVERHEAD_BYTES",
+    "InputSpec",
+    "MeasurementError",
+    "MemoryEstimate",
+    "MemoryMeasurement",
+    "estimate",
+    "input_spec",
+    "measure",
+    "random_input",
+    "tensor_bytes",
+]

@@ -160,6 +160,7 @@ class MemoryEstimate:
 
 # ------------------------------------------------------------------------------ byte counting
 
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
     try:
         ptr = t.untyped_storage().data_ptr()
@@ -281,12 +282,14 @@ def counting_saved_tensors(step: TrainStep, counter: _SavedCounter) -> Iterator[
                 pack, unpack = top
 
         if pack is None:
+
             def hook_pack(t: torch.Tensor) -> Any:
                 return counter.record(t)
 
             def hook_unpack(p: Any) -> torch.Tensor:
                 return p
         else:
+
             def hook_pack(t: torch.Tensor) -> Any:
                 return counter.record(pack(t))
 
@@ -304,8 +307,7 @@ def _optimizer_state_bytes(trainable: list[nn.Parameter], optimizer: str, moment
     raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
 
 
-def _optimizer_temp_bytes(trainable: list[nn.Parameter], optimizer: str,
-                          weight_decay: float) -> int:
+def _optimizer_temp_bytes(trainable: list[nn.Parameter], optimizer: str, weight_decay: float) -> int:
     """Largest temporary of PyTorch's per-parameter (CPU, non-foreach) update loops."""
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     if optimizer == "adam":  # denom = (exp_avg_sq.sqrt() / bc2).add_(eps): two temporaries
@@ -314,6 +316,7 @@ def _optimizer_temp_bytes(trainable: list[nn.Parameter], optimizer: str,
 
 
 # ----------------------------------------------------------------------------- the timeline
+
 
 @dataclass
 class _Pass:
@@ -382,10 +385,18 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _profile_pass(step: TrainStep, exclude: set[Any], input_shape: tuple[int, ...], batch: int,
-                  num_classes: int, dtype: torch.dtype, use_profiler: bool = True,
-                  spec: InputSpec = InputSpec()) -> _Pass:
+def _profile_pass(
+    step: TrainStep,
+    exclude: set[Any],
+    input_shape: tuple[int, ...],
+    batch: int,
+    num_classes: int,
+    dtype: torch.dtype,
+    use_profiler: bool = True,
+    spec: InputSpec | None = None,
+) -> _Pass:
     """One forward (counting saved tensors) + backward at ``batch``, under the memory profiler."""
+    spec = spec if spec is not None else InputSpec()
     from torch.autograd.profiler import profile, record_function
 
     x = random_input((batch, *input_shape[1:]), spec, dtype)
@@ -421,8 +432,15 @@ def _profile_pass(step: TrainStep, exclude: set[Any], input_shape: tuple[int, ..
         run()
     for _, p in step.trainable:
         p.grad = None
-    return _Pass(batch, events if events is not None else [], fwd_end, bwd_end, counter.total,
-                 counter.opaque, profiled=events is not None)
+    return _Pass(
+        batch,
+        events if events is not None else [],
+        fwd_end,
+        bwd_end,
+        counter.total,
+        counter.opaque,
+        profiled=events is not None,
+    )
 
 
 def _extrapolate(pa: _Pass, pb: _Pass, batch: int) -> tuple[list[int], int, int]:
@@ -435,7 +453,7 @@ def _extrapolate(pa: _Pass, pb: _Pass, batch: int) -> tuple[list[int], int, int]
     sizes: list[int] = []
     fwd_end = bwd_end = None
     matcher = difflib.SequenceMatcher(None, ka, kb, autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for tag, i1, _i2, j1, j2 in matcher.get_opcodes():
         for j in range(j1, j2):
             if j == pb.forward_end and fwd_end is None:
                 fwd_end = len(sizes)
@@ -467,10 +485,18 @@ def _running_peak(sizes: list[int]) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------------- estimate
 
-def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str = "sgd",
-             plan: Plan | None = None, momentum: float = 0.9, weight_decay: float = 0.0,
-             profile_batches: tuple[int, int] = PROFILE_BATCHES,
-             example: torch.Tensor | InputSpec | None = None) -> MemoryEstimate:
+
+def estimate(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    optimizer: str = "sgd",
+    plan: Plan | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    profile_batches: tuple[int, int] = PROFILE_BATCHES,
+    example: torch.Tensor | InputSpec | None = None,
+) -> MemoryEstimate:
     """Predict the peak memory of training ``model`` under ``plan`` at ``input_shape``.
 
     input_shape:     the input batch shape including the batch, e.g. ``(32, 1, 28, 28)``.
@@ -514,25 +540,24 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
 
         a, b = sorted(int(s) for s in profile_batches)
         if not 1 <= a < b:
-            raise ValueError(
-                f"profile_batches must be two distinct sizes >= 1, got {profile_batches}")
+            raise ValueError(f"profile_batches must be two distinct sizes >= 1, got {profile_batches}")
         sizes = [batch] if batch <= b else [a, b]
         fused = bool(step.step_in_backward)
         handles = []
         if fused:  # the step runs in backward and drops each gradient once it is accumulated
+
             def drop_grad(p: torch.Tensor) -> None:
                 p.grad = None
+
             handles = [p.register_post_accumulate_grad_hook(drop_grad) for p in trainable]
         try:
-            passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype, spec=spec)
-                      for s in sizes]
+            passes = [_profile_pass(step, exclude, input_shape, s, num_classes, dtype, spec=spec) for s in sizes]
         finally:
             for h in handles:
                 h.remove()
     parameters = tensor_bytes(held)
     # a fused step holds one parameter's gradient at a time (the rest is in the timeline)
-    gradients = (max((tensor_bytes([p]) for p in trainable), default=0) if fused
-                 else tensor_bytes(trainable))
+    gradients = max((tensor_bytes([p]) for p in trainable), default=0) if fused else tensor_bytes(trainable)
     optimizer_state = _optimizer_state_bytes(trainable, optimizer, momentum)
     optimizer_temp = _optimizer_temp_bytes(trainable, optimizer, weight_decay)
     del work, step, held, trainable
@@ -544,7 +569,7 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
     after_backward = sum(events[:bwd_end])  # gradients + whatever the step leaves alive
 
     if pa.opaque and profiled:  # the plan's hooks could not be wrapped: what the forward keeps
-        act_a, act_b = (sum(n for _, n in p.events[:p.forward_end]) for p in (pa, pb))
+        act_a, act_b = (sum(n for _, n in p.events[: p.forward_end]) for p in (pa, pb))
     else:
         act_a, act_b = pa.activations, pb.activations
     if pa.batch == pb.batch:
@@ -575,9 +600,14 @@ def estimate(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str =
     transient = max(varying - base, 0)
     return MemoryEstimate(
         peak_bytes=int(parameters + optimizer_state + base + transient + overhead),
-        parameters=int(parameters), gradients=int(gradients), optimizer_state=int(optimizer_state),
-        activations=activations, transient=int(transient), overhead=int(overhead),
-        peak_phase=phase, batch_size=batch,
+        parameters=int(parameters),
+        gradients=int(gradients),
+        optimizer_state=int(optimizer_state),
+        activations=activations,
+        transient=int(transient),
+        overhead=int(overhead),
+        peak_phase=phase,
+        batch_size=batch,
     )
 
 

@@ -75,8 +75,12 @@ def input_spec(model: nn.Module | None, example: "torch.Tensor | InputSpec | Non
     return InputSpec()
 
 
-def random_input(shape: tuple[int, ...], spec: InputSpec, float_dtype: torch.dtype | None = None,
-                 device: "str | torch.device | None" = None) -> torch.Tensor:
+def random_input(
+    shape: tuple[int, ...],
+    spec: InputSpec,
+    float_dtype: torch.dtype | None = None,
+    device: "str | torch.device | None" = None,
+) -> torch.Tensor:
     """A random batch of ``shape`` drawn as ``spec`` says (``float_dtype``: the model's dtype)."""
     if spec.kind == "int":
         return torch.randint(spec.low, spec.high, tuple(shape), dtype=spec.dtype, device=device)

@@ -106,6 +106,7 @@ class MeasurementError(RuntimeError):
 
 # --------------------------------------------------------------------------------------- child
 
+
 def _status_kib(field_name: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -156,8 +157,9 @@ def _warm_up_runtime(torch: Any, device: str) -> None:
     conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(device)
     bn = torch.nn.BatchNorm2d(8).to(device)
     lin = torch.nn.Linear(8, 4).to(device)
-    opt = torch.optim.SGD(list(conv.parameters()) + list(bn.parameters()) + list(lin.parameters()),
-                          lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(
+        list(conv.parameters()) + list(bn.parameters()) + list(lin.parameters()), lr=0.01, momentum=0.9
+    )
     x = torch.randn(4, 3, 8, 8, device=device)
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
@@ -178,9 +180,17 @@ def _train_step(step: Any, opt: Any, x: Any, y: Any) -> None:
     opt.step()
 
 
-def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[int, ...],
-                   optimizer: str, plan: Plan | None, device: str, momentum: float,
-                   weight_decay: float, spec: InputSpec | None = None) -> tuple[int, InputSpec]:
+def _warm_up_model(
+    torch: Any,
+    model_fn: Callable[[], Any],
+    input_shape: tuple[int, ...],
+    optimizer: str,
+    plan: Plan | None,
+    device: str,
+    momentum: float,
+    weight_decay: float,
+    spec: InputSpec | None = None,
+) -> tuple[int, InputSpec]:
     """One throw-away training step of a throw-away model at batch 2; returns num_classes and
     the input spec (``spec``, or the one :func:`~memfl.memory.inputs.input_spec` reads off the
     model)."""
@@ -194,18 +204,27 @@ def _warm_up_model(torch: Any, model_fn: Callable[[], Any], input_shape: tuple[i
     with torch.no_grad():
         num_classes = int(model(random_input((small, *input_shape[1:]), spec, device=device)).shape[-1])
     step = prepare(model, plan)
-    opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
-                              momentum=momentum, weight_decay=weight_decay)
+    opt = make_step_optimizer(
+        step, [p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum, weight_decay=weight_decay
+    )
     x = random_input((small, *input_shape[1:]), spec, device=device)
     y = torch.randint(0, num_classes, (small,), device=device)
     _train_step(step, opt, x, y)
     return num_classes, spec
 
 
-def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], optimizer: str,
-                   plan: Plan | None, steps: int, device: str, momentum: float,
-                   weight_decay: float, num_threads: int,
-                   spec: InputSpec | None = None) -> dict[str, Any]:
+def _child_measure(
+    model_fn: Callable[[], Any],
+    input_shape: tuple[int, ...],
+    optimizer: str,
+    plan: Plan | None,
+    steps: int,
+    device: str,
+    momentum: float,
+    weight_decay: float,
+    num_threads: int,
+    spec: InputSpec | None = None,
+) -> dict[str, Any]:
     import gc
 
     import torch
@@ -219,8 +238,9 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     # Throw-away model first (a failing model_fn fails fast): lazy imports of the builder, the
     # number of classes, and one training step at batch 2 so the code and pools of every op the
     # step uses are paged in / created before the baseline (library state, not training memory).
-    num_classes, spec = _warm_up_model(torch, model_fn, input_shape, optimizer, plan, device,
-                                       momentum, weight_decay, spec)
+    num_classes, spec = _warm_up_model(
+        torch, model_fn, input_shape, optimizer, plan, device, momentum, weight_decay, spec
+    )
     _warm_up_runtime(torch, device)
     gc.collect()
 
@@ -235,8 +255,9 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
     model = model_fn().to(device)
     model.train()
     step = prepare(model, plan)
-    opt = make_step_optimizer(step, [p for _, p in step.trainable], optimizer, lr=0.01,
-                              momentum=momentum, weight_decay=weight_decay)
+    opt = make_step_optimizer(
+        step, [p for _, p in step.trainable], optimizer, lr=0.01, momentum=momentum, weight_decay=weight_decay
+    )
     x = random_input(tuple(input_shape), spec, device=device)
     y = torch.randint(0, num_classes, (input_shape[0],), device=device)
     times = []
@@ -249,14 +270,18 @@ def _child_measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], op
 
     if cuda:
         peak = int(torch.cuda.max_memory_allocated(device)) - baseline
-        where = (str(torch.device(device)) if ":" in device
-                 else f"cuda:{torch.cuda.current_device()}")
+        where = str(torch.device(device)) if ":" in device else f"cuda:{torch.cuda.current_device()}"
     else:
         peak = tracker.peak() - baseline
         where = "cpu" if tracker.exact else "cpu (sampled)"
     later = times[1:] or times
-    return {"peak_bytes": int(peak), "baseline_bytes": int(baseline), "steps": steps,
-            "step_seconds": float(sum(later) / len(later)), "device": where}
+    return {
+        "peak_bytes": int(peak),
+        "baseline_bytes": int(baseline),
+        "steps": steps,
+        "step_seconds": float(sum(later) / len(later)),
+        "device": where,
+    }
 
 
 def _child_main(conn: Any, args: tuple) -> None:
@@ -272,10 +297,20 @@ def _child_main(conn: Any, args: tuple) -> None:
 
 # -------------------------------------------------------------------------------------- parent
 
-def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimizer: str = "sgd",
-            plan: Plan | None = None, steps: int = 3, device: str = "cpu", momentum: float = 0.9,
-            timeout: float = 600, weight_decay: float = 0.0,
-            example: Any = None) -> MemoryMeasurement:
+
+def measure(
+    model_fn: Callable[[], Any],
+    input_shape: tuple[int, ...],
+    *,
+    optimizer: str = "sgd",
+    plan: Plan | None = None,
+    steps: int = 3,
+    device: str = "cpu",
+    momentum: float = 0.9,
+    timeout: float = 600,
+    weight_decay: float = 0.0,
+    example: Any = None,
+) -> MemoryMeasurement:
     """Peak memory of ``steps`` real training steps of ``model_fn()`` in a fresh subprocess.
 
     model_fn:    picklable zero-argument callable returning the model (a module-level function or
@@ -314,10 +349,19 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     spec = input_spec(None, example) if example is not None else None
-    args = (model_fn, tuple(int(s) for s in input_shape), optimizer, plan, int(steps), device,
-            float(momentum), float(weight_decay), int(torch.get_num_threads()), spec)
-    proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True,
-                       name="memfl-measure")
+    args = (
+        model_fn,
+        tuple(int(s) for s in input_shape),
+        optimizer,
+        plan,
+        int(steps),
+        device,
+        float(momentum),
+        float(weight_decay),
+        int(torch.get_num_threads()),
+        spec,
+    )
+    proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True, name="memfl-measure")
     # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only.
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
@@ -330,9 +374,11 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
     except (pickle.PicklingError, AttributeError, TypeError) as err:
         parent_conn.close()
         child_conn.close()
-        raise TypeError(f"measure: model_fn and plan must be picklable (a module-level function "
-                        f"or a functools.partial of one, not a lambda or local function): "
-                        f"{err}") from err
+        raise TypeError(
+            f"measure: model_fn and plan must be picklable (a module-level function "
+            f"or a functools.partial of one, not a lambda or local function): "
+            f"{err}"
+        ) from err
     finally:
         for key, value in (("MALLOC_MMAP_THRESHOLD_", saved), (_REENTRY_ENV, saved_note)):
             if value is None:
@@ -346,8 +392,7 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
         while result is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"memory measurement did not finish within {timeout:g} s "
-                                   f"(child killed)")
+                raise TimeoutError(f"memory measurement did not finish within {timeout:g} s (child killed)")
             if parent_conn.poll(min(remaining, 0.2)):
                 try:
                     result = parent_conn.recv()
@@ -368,14 +413,15 @@ def measure(model_fn: Callable[[], Any], input_shape: tuple[int, ...], *, optimi
         if reentered:
             raise MeasurementError(
                 "memory measurement child died without a result: "
-                + _UNGUARDED_HINT.format(script=f"the script {reentered}"))
+                + _UNGUARDED_HINT.format(script=f"the script {reentered}")
+            )
         hint = "killed for memory?" if proc.exitcode in (-9, 137) else "see its traceback above"
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         if proc.exitcode == 1 and main_file:
-            hint += ("; if it mentions the bootstrapping phase, " + _UNGUARDED_HINT.format(
-                script=f"the script {main_file}"))
-        raise MeasurementError(f"memory measurement child died without a result "
-                               f"(exit code {proc.exitcode}; {hint})")
+            hint += "; if it mentions the bootstrapping phase, " + _UNGUARDED_HINT.format(
+                script=f"the script {main_file}"
+            )
+        raise MeasurementError(f"memory measurement child died without a result (exit code {proc.exitcode}; {hint})")
     if status == "error":
         raise MeasurementError(f"memory measurement child failed:\n{payload}")
     return MemoryMeasurement(**payload)
@@ -385,7 +431,8 @@ _UNGUARDED_HINT = (
     "{script} calls memfl measure() (or memfl.plan/measure) at import time. measure() runs the "
     "training in a fresh *spawned* process, which re-imports the main script to unpickle model_fn "
     "and so ran that call again. Fix: put the script's top-level code under "
-    "`if __name__ == \"__main__\":` (define model_fn at module level, call measure inside the guard).")
+    '`if __name__ == "__main__":` (define model_fn at module level, call measure inside the guard).'
+)
 
 
 def _read_note(path: str) -> str:

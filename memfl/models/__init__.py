@@ -15,12 +15,12 @@ from memfl.models.vit import vit_tiny
 
 MODEL_NAMES = ("cnn", "resnet18", "resnet34", "vgg11", "vgg16", "vit-tiny")
 
-__all__ = ["MODEL_NAMES", "BlockModel", "build_model", "boundary_layers", "last_layer_names",
-           "units"]
+__all__ = ["MODEL_NAMES", "BlockModel", "build_model", "boundary_layers", "last_layer_names", "units"]
 
 
-def build_model(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                width: float = 1.0) -> BlockModel:
+def build_model(
+    name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0
+) -> BlockModel:
     """Build one of :data:`MODEL_NAMES`.
 
     ``width`` in (0, 1] scales channel counts (ViT: embedding and MLP dims, heads kept) for
@@ -33,12 +33,12 @@ def build_model(name: str, *, in_channels: int = 1, num_classes: int = 10, image
     if key not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     if in_channels < 1 or num_classes < 1 or image_size < 1:
-        raise ValueError("in_channels, num_classes and image_size must be >= 1, got "
-                         f"{in_channels}, {num_classes}, {image_size}")
+        raise ValueError(
+            f"in_channels, num_classes and image_size must be >= 1, got {in_channels}, {num_classes}, {image_size}"
+        )
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
-    kw = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
-              width=width)
+    kw = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size, width=width)
     if key == "cnn":
         model = cnn(**kw)
     elif key.startswith("resnet"):

@@ -34,9 +34,7 @@ class BlockModel(nn.Module):
             output). Not part of the state dict.
     """
 
-    def __init__(
-        self, blocks: list[nn.Module], head: nn.Module, *, arch: dict[str, Any] | None = None
-    ) -> None:
+    def __init__(self, blocks: list[nn.Module], head: nn.Module, *, arch: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
@@ -58,9 +56,7 @@ class BlockModel(nn.Module):
         return boundary_layers(self, block_index)
 
     @torch.no_grad()
-    def block_output_shapes(
-        self, input_shape: tuple[int, ...] | None = None
-    ) -> list[tuple[int, ...]]:
+    def block_output_shapes(self, input_shape: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
         """Output shape (without the batch dim) of each block for one input of ``input_shape``
         (C, H, W); defaults to the shape recorded in ``arch``. Runs one eval-mode forward of
         batch 1 (training mode is restored)."""
@@ -70,8 +66,9 @@ class BlockModel(nn.Module):
                 raise ValueError("input_shape not given and not recorded in model.arch")
             input_shape = (a["in_channels"], a["image_size"], a["image_size"])
         p = next(self.parameters(), None)
-        x = torch.zeros(1, *input_shape, device=p.device if p is not None else None,
-                        dtype=p.dtype if p is not None else None)
+        x = torch.zeros(
+            1, *input_shape, device=p.device if p is not None else None, dtype=p.dtype if p is not None else None
+        )
         was_training = self.training
         self.eval()
         try:
@@ -111,8 +108,7 @@ def units(model: BlockModel, include_head: bool = False) -> list[tuple[str, nn.M
     return out
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-          nn.modules.instancenorm._InstanceNorm)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -177,8 +173,7 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride,
-                              padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
 

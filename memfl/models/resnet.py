@@ -32,7 +32,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         if downsample:
             self.shortcut: nn.Module = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
         else:
             self.shortcut = nn.Identity()
         self.relu = nn.ReLU(inplace=True)
@@ -46,8 +47,9 @@ class BasicBlock(nn.Module):
         return ["conv2", "bn2"]
 
 
-def resnet(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-           width: float = 1.0) -> BlockModel:
+def resnet(
+    name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0
+) -> BlockModel:
     """``resnet18`` or ``resnet34``; channels 64, 128, 256, 512 x width."""
     if name not in RESNET_LAYERS:
         raise ValueError(f"unknown resnet {name!r}; expected one of {tuple(RESNET_LAYERS)}")
@@ -56,8 +58,7 @@ def resnet(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size
     chans = [scaled(c, width) for c in RESNET_CHANNELS]
     cin, full_in = scaled(64, width), 64
     blocks = []
-    for stage, (n_units, cout, full_out) in enumerate(
-            zip(RESNET_LAYERS[name], chans, RESNET_CHANNELS)):
+    for stage, (n_units, cout, full_out) in enumerate(zip(RESNET_LAYERS[name], chans, RESNET_CHANNELS)):
         block = nn.Sequential()
         if stage == 0:
             block.add_module("stem", ConvBNReLU(in_channels, cin))
@@ -67,7 +68,6 @@ def resnet(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size
             block.add_module(f"unit{u}", BasicBlock(cin, cout, stride, downsample))
             cin, full_in = cout, full_out
         blocks.append(block)
-    model = BlockModel(blocks, classifier_head(cin, num_classes),
-                       arch=dict(kind="conv", block_channels=chans))
+    model = BlockModel(blocks, classifier_head(cin, num_classes), arch=dict(kind="conv", block_channels=chans))
     init_conv_weights(model)
     return model

@@ -16,8 +16,7 @@ def accepts_width(fn: Callable[..., Any]) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.kind is p.VAR_KEYWORD or (p.name == "width" and p.kind is not p.POSITIONAL_ONLY)
-               for p in params)
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "width" and p.kind is not p.POSITIONAL_ONLY) for p in params)
 
 
 def call_builder(fn: Callable[..., Any], width: float = 1.0, *, name: str = "model_fn") -> nn.Module:
@@ -32,7 +31,8 @@ def call_builder(fn: Callable[..., Any], width: float = 1.0, *, name: str = "mod
             f"{name} must take a `width` keyword to build width-scaled sub-models (HeteroFL asked "
             f"for width {width:g}): define it as `def {getattr(fn, '__name__', 'model_fn')}(width=1.0)` "
             f"and scale the hidden sizes by width (every parameter of a width-w model must be a "
-            f"leading slice of the full model's), or choose another method")
+            f"leading slice of the full model's), or choose another method"
+        )
     else:
         model = fn()
     if not isinstance(model, nn.Module):

@@ -20,8 +20,9 @@ VGG_STAGES = {
 VGG_BLOCK_STAGES = ((0,), (1,), (2,), (3, 4))
 
 
-def vgg(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-        width: float = 1.0) -> BlockModel:
+def vgg(
+    name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0
+) -> BlockModel:
     """``vgg11`` or ``vgg16`` (BN variants)."""
     if name not in VGG_STAGES:
         raise ValueError(f"unknown vgg {name!r}; expected one of {tuple(VGG_STAGES)}")
@@ -42,7 +43,6 @@ def vgg(name: str, *, in_channels: int = 1, num_classes: int = 10, image_size: i
                 size //= 2
         blocks.append(block)
         block_channels.append(cin)
-    model = BlockModel(blocks, classifier_head(cin, num_classes),
-                       arch=dict(kind="conv", block_channels=block_channels))
+    model = BlockModel(blocks, classifier_head(cin, num_classes), arch=dict(kind="conv", block_channels=block_channels))
     init_conv_weights(model)
     return model

@@ -53,8 +53,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        out = F.scaled_dot_product_attention(
-            self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x)))
+        out = F.scaled_dot_product_attention(self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x)))
         return self.proj(out.permute(0, 2, 3, 1).reshape(b, n, d))
 
 
@@ -99,8 +98,7 @@ def _init_vit(model: nn.Module) -> None:
             nn.init.trunc_normal_(m.pos, std=0.02)
 
 
-def vit_tiny(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-             width: float = 1.0) -> BlockModel:
+def vit_tiny(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0) -> BlockModel:
     """ViT-Tiny/4; image_size must be divisible by 4 (28 -> 7x7 patches, 32 -> 8x8)."""
     cfg = VIT_TINY
     p, heads = cfg["patch_size"], cfg["heads"]
@@ -120,7 +118,8 @@ def vit_tiny(*, in_channels: int = 1, num_classes: int = 10, image_size: int = 2
     head.add_module("norm", nn.LayerNorm(dim, eps=1e-6))
     head.add_module("pool", TokenMean())
     head.add_module("fc", nn.Linear(dim, num_classes))
-    model = BlockModel(blocks, head, arch=dict(
-        kind="transformer", block_channels=[dim] * len(blocks), heads=heads, patch_size=p))
+    model = BlockModel(
+        blocks, head, arch=dict(kind="transformer", block_channels=[dim] * len(blocks), heads=heads, patch_size=p)
+    )
     _init_vit(model)
     return model

@@ -19,8 +19,14 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def plot_accuracy(runs: Sequence[dict[str, Any]], path: str | Path, *, labels: Sequence[str] | None = None,
-                  x: str = "round", title: str | None = None) -> Path:
+def plot_accuracy(
+    runs: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    x: str = "round",
+    title: str | None = None,
+) -> Path:
     """Test accuracy against rounds (``x="round"``) or virtual seconds (``x="virtual_seconds"``)
     for one or more results dicts; writes a PNG and returns its path."""
     import matplotlib
@@ -51,8 +57,10 @@ def plot_accuracy(runs: Sequence[dict[str, Any]], path: str | Path, *, labels: S
 
 def rounds_table(results: dict[str, Any]) -> Table:
     """A rich table: one row per round with accuracy, loss, participants and times."""
-    table = Table(title=f"{results['config']['run']['method']} — {results['config']['run']['model']} on "
-                        f"{results['config']['run']['dataset']}")
+    table = Table(
+        title=f"{results['config']['run']['method']} — {results['config']['run']['model']} on "
+        f"{results['config']['run']['dataset']}"
+    )
     for col in ("round", "accuracy", "loss", "clients", "failed", "plans", "virtual s", "wall s"):
         table.add_column(col, justify="right")
     for r in results["rounds"]:

@@ -29,11 +29,13 @@ def nhsic_points(results: dict[str, Any]) -> dict[int, list[tuple[int, float, fl
             m = c.get("metrics") or {}
             if "nhsic_xz" in m and "nhsic_yz" in m:
                 per_block.setdefault(int(m.get("block", 0)), []).append(
-                    (float(m["nhsic_xz"]), float(m["nhsic_yz"]), int(c.get("num_samples", 1))))
+                    (float(m["nhsic_xz"]), float(m["nhsic_yz"]), int(c.get("num_samples", 1)))
+                )
         for block, vals in per_block.items():
             n = sum(w for *_, w in vals)
-            out.setdefault(block, []).append((int(r["round"]), sum(x * w for x, _, w in vals) / n,
-                                              sum(y * w for _, y, w in vals) / n))
+            out.setdefault(block, []).append(
+                (int(r["round"]), sum(x * w for x, _, w in vals) / n, sum(y * w for _, y, w in vals) / n)
+            )
     return out
 
 
@@ -59,8 +61,20 @@ def plot_nhsic_plane(results: dict[str, Any], path: str | Path, *, title: str | 
     for i, (block, pts) in enumerate(sorted(points.items())):
         rs, xs, ys = zip(*pts)
         ax.plot(xs, ys, "-", color="0.6", lw=0.8, zorder=1)
-        sc = ax.scatter(xs, ys, c=rs, cmap=cmap, vmin=lo, vmax=max(hi, lo + 1), marker=markers[i % len(markers)],
-                        s=28, edgecolors="k", linewidths=0.4, zorder=2, label=f"block {block}")
+        sc = ax.scatter(
+            xs,
+            ys,
+            c=rs,
+            cmap=cmap,
+            vmin=lo,
+            vmax=max(hi, lo + 1),
+            marker=markers[i % len(markers)],
+            s=28,
+            edgecolors="k",
+            linewidths=0.4,
+            zorder=2,
+            label=f"block {block}",
+        )
         ax.annotate(f"{block}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="round")

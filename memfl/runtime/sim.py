@@ -48,8 +48,13 @@ class InProcessExecutor:
     runtime = "sim"
     versions: dict[str, str] = {}
 
-    def __init__(self, federation: list[SimClient], trainer: LocalTrainer, budgets: FederationBudgets | None,
-                 on_client: Callable[[int, int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        federation: list[SimClient],
+        trainer: LocalTrainer,
+        budgets: FederationBudgets | None,
+        on_client: Callable[[int, int, int], None] | None = None,
+    ) -> None:
         self.federation = federation
         self.by_id = {c.info.id: c for c in federation}
         self.trainer = trainer
@@ -59,8 +64,9 @@ class InProcessExecutor:
     def clients(self, round: int) -> list[Candidate]:
         if self.budgets is None:
             return [Candidate(c.info) for c in self.federation]
-        return [Candidate(c.info, planning_budget_bytes=self.budgets.predicted(c.info.id, round))
-                for c in self.federation]
+        return [
+            Candidate(c.info, planning_budget_bytes=self.budgets.predicted(c.info.id, round)) for c in self.federation
+        ]
 
     def run(self, round: int, instructions: list[Instruction]) -> list[Outcome]:
         outcomes = []
@@ -75,8 +81,9 @@ class InProcessExecutor:
         if self.budgets is not None:  # the OS kills a client whose peak exceeds its real budget
             real = self.budgets.real(ins.client_id, round)
             if (ins.predicted_peak_bytes or 0) > real:
-                return Outcome(ins.client_id, "oom", error="predicted peak above the real budget",
-                               real_budget_bytes=real)
+                return Outcome(
+                    ins.client_id, "oom", error="predicted peak above the real budget", real_budget_bytes=real
+                )
         client = self.by_id[ins.client_id]
         try:
             res = self.trainer.fit(ins, client.x, client.y)
@@ -91,10 +98,15 @@ class InProcessExecutor:
         return [Candidate(c.info) for c in self.federation]
 
 
-def run_experiment(config: Config, *, data: Dataset | None = None,
-                   model_fn: Callable[[Plan], torch.nn.Module] | None = None,
-                   console: Console | None = None, progress: bool = True,
-                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_experiment(
+    config: Config,
+    *,
+    data: Dataset | None = None,
+    model_fn: Callable[[Plan], torch.nn.Module] | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config``; return the results dict.
 
     ``data``/``model_fn``: use these instead of the configured data set / model. ``console``: where
@@ -109,8 +121,9 @@ def run_experiment(config: Config, *, data: Dataset | None = None,
 
     data = data if data is not None else load_data(config)
     checkpoint = Checkpoint(out)
-    setup = set_up_server(config, data.input_shape, data.num_classes, checkpoint, model_fn=model_fn,
-                          example=data.example)
+    setup = set_up_server(
+        config, data.input_shape, data.num_classes, checkpoint, model_fn=model_fn, example=data.example
+    )
     clients = build_federation(config, data, setup.full_peak)
     trainer = LocalTrainer(setup.model_fn, device=config.run.device)
     # [fedhybrid] contention: per-round real budgets from traces; strategies see predictions
@@ -119,7 +132,8 @@ def run_experiment(config: Config, *, data: Dataset | None = None,
         f"memfl: {config.run.method} on {config.run.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), "
         f"model {config.run.model}, {config.run.clients} clients, {config.run.per_round} per round, "
         f"{config.run.rounds} rounds; full-training peak {setup.full_peak / 2**20:.1f} MB at batch "
-        f"{config.train.batch_size}")
+        f"{config.train.batch_size}"
+    )
     reporter = ConsoleReporter(console, progress=progress)
     executor = InProcessExecutor(clients, trainer, budgets, on_client=reporter.client)
     return run_rounds(config, setup, checkpoint, executor, test=data, reporter=reporter, on_round=on_round)

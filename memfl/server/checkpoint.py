@@ -47,11 +47,13 @@ class Checkpoint:
         if not _same_experiment(state.get("config", {}), config.to_json()):
             raise ConfigError(
                 f"{self.out} holds a run with a different configuration; "
-                "use another --out folder, or delete that folder to start over")
+                "use another --out folder, or delete that folder to start over"
+            )
         if len(state["rounds"]) > config.run.rounds:
             raise ConfigError(
                 f"{self.out} already holds {len(state['rounds'])} rounds, more than run.rounds = "
-                f"{config.run.rounds}; ask for at least that many rounds or use another --out folder")
+                f"{config.run.rounds}; ask for at least that many rounds or use another --out folder"
+            )
         return load_file(str(self.tensors)), state
 
     def save(self, params: dict[str, torch.Tensor], state: dict[str, Any]) -> None:

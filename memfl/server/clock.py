@@ -24,7 +24,8 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def client_seconds(compute_seconds: float, speed: float, down: dict[str, torch.Tensor],
-                   up: dict[str, torch.Tensor]) -> float:
+def client_seconds(
+    compute_seconds: float, speed: float, down: dict[str, torch.Tensor], up: dict[str, torch.Tensor]
+) -> float:
     """A client's virtual round time: compute on its device + the transfer down and up."""
     return compute_seconds / speed + transfer_seconds(nbytes(down) + nbytes(up))

@@ -40,10 +40,17 @@ from memfl.server.records import client_entry, client_record, round_entry, summa
 from memfl.server.setup import ServerSetup
 
 
-def run_rounds(config: Config, setup: ServerSetup, checkpoint: Checkpoint, executor: Executor, *,
-               test: Dataset | None, reporter: Reporter,
-               on_round: Callable[[dict[str, Any]], None] | None = None,
-               plot_label: str | None = None) -> dict[str, Any]:
+def run_rounds(
+    config: Config,
+    setup: ServerSetup,
+    checkpoint: Checkpoint,
+    executor: Executor,
+    *,
+    test: Dataset | None,
+    reporter: Reporter,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    plot_label: str | None = None,
+) -> dict[str, Any]:
     """Run the rounds left after ``setup.rounds`` up to ``config.run.rounds``; return the results.
 
     ``test``: the data set whose test split evaluates the global model (``None``: no evaluation,
@@ -71,14 +78,18 @@ def run_rounds(config: Config, setup: ServerSetup, checkpoint: Checkpoint, execu
             outcomes = executor.run(rnd, instructions)
             t_validate = time.perf_counter()
             if len(outcomes) != len(instructions):
-                raise RuntimeError(f"round {rnd}: the {executor.runtime} executor returned {len(outcomes)} "
-                                   f"outcomes for {len(instructions)} instructions")
+                raise RuntimeError(
+                    f"round {rnd}: the {executor.runtime} executor returned {len(outcomes)} "
+                    f"outcomes for {len(instructions)} instructions"
+                )
             results: list[Result] = []
             records: list[dict[str, Any]] = []
             for ins, outcome in zip(instructions, outcomes, strict=True):
                 if outcome.client_id != ins.client_id or ins.client_id not in by_id:
-                    raise RuntimeError(f"round {rnd}: an outcome for client {outcome.client_id} answers the "
-                                       f"instruction for client {ins.client_id}")
+                    raise RuntimeError(
+                        f"round {rnd}: an outcome for client {outcome.client_id} answers the "
+                        f"instruction for client {ins.client_id}"
+                    )
                 if outcome.status == "ok":
                     results.append(outcome.result)
                 elif outcome.status == "failed":
@@ -97,9 +108,13 @@ def run_rounds(config: Config, setup: ServerSetup, checkpoint: Checkpoint, execu
             virtual_total = entry["virtual_seconds"]
             entry["round_seconds"] = t_end - t0
             entry["timing"] = {
-                "clients_seconds": t_plan - t0, "plan_seconds": t_run - t_plan, "run_seconds": t_validate - t_run,
-                "validate_seconds": t_agg - t_validate, "aggregate_seconds": t_eval - t_agg,
-                "evaluate_seconds": t_end - t_eval, **executor.timing(),
+                "clients_seconds": t_plan - t0,
+                "plan_seconds": t_run - t_plan,
+                "run_seconds": t_validate - t_run,
+                "validate_seconds": t_agg - t_validate,
+                "aggregate_seconds": t_eval - t_agg,
+                "evaluate_seconds": t_end - t_eval,
+                **executor.timing(),
             }
             rounds.append(entry)
             checkpoint.save(params, {"config": config.to_json(), "rounds": rounds, "strategy": strategy.state_dict()})

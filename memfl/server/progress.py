@@ -31,8 +31,15 @@ class ConsoleReporter:
     def __init__(self, console: Console, progress: bool = True) -> None:
         self.console = console
         self.total = 0
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, disable=not progress, transient=False)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not progress,
+            transient=False,
+        )
         self.task: Any = None
 
     def __enter__(self) -> "ConsoleReporter":
@@ -91,8 +98,10 @@ class LogReporter:
     def round_done(self, entry: dict[str, Any], total: int) -> None:
         acc = f"accuracy {entry['accuracy']:.4f}" if entry["accuracy"] is not None else "not evaluated"
         ok = sum(1 for c in entry["clients"] if c["status"] == "ok")
-        self.log(f"round {entry['round']}/{total}: {acc}, {ok}/{len(entry['clients'])} clients ok, "
-                 f"{entry['round_seconds']:.1f} s")
+        self.log(
+            f"round {entry['round']}/{total}: {acc}, {ok}/{len(entry['clients'])} clients ok, "
+            f"{entry['round_seconds']:.1f} s"
+        )
 
     def finished(self, results_path: str) -> None:
         self.log(f"results in {results_path}")

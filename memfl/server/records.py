@@ -45,19 +45,26 @@ from memfl.server.executor import Candidate, Outcome
 def client_record(ins: Instruction, client: Candidate, outcome: Outcome) -> dict[str, Any]:
     """The record of one instruction and what became of it (fields in the module docstring)."""
     rec: dict[str, Any] = {
-        "id": ins.client_id, "device": client.info.device, "budget_bytes": client.info.budget_bytes,
-        "plan": ins.plan.label, "predicted_peak_bytes": ins.predicted_peak_bytes,
+        "id": ins.client_id,
+        "device": client.info.device,
+        "budget_bytes": client.info.budget_bytes,
+        "plan": ins.plan.label,
+        "predicted_peak_bytes": ins.predicted_peak_bytes,
         "predicted_budget_bytes": ins.budget_bytes,
     }
     if outcome.real_budget_bytes is not None:
-        rec.update(real_budget_bytes=outcome.real_budget_bytes,
-                   budget_violation=(ins.predicted_peak_bytes or 0) > outcome.real_budget_bytes)
+        rec.update(
+            real_budget_bytes=outcome.real_budget_bytes,
+            budget_violation=(ins.predicted_peak_bytes or 0) > outcome.real_budget_bytes,
+        )
     rec["status"] = outcome.status
     if outcome.status == "ok":
         res = outcome.result
         assert res is not None, "an ok outcome carries its result"
         rec.update(
-            num_samples=res.num_samples, steps=res.steps, train_loss=res.loss,
+            num_samples=res.num_samples,
+            steps=res.steps,
+            train_loss=res.loss,
             compute_seconds=res.compute_seconds,
             virtual_seconds=client_seconds(res.compute_seconds, client.info.speed, ins.params, res.params),
             metrics=res.metrics,
@@ -71,12 +78,24 @@ def client_record(ins: Instruction, client: Candidate, outcome: Outcome) -> dict
 def client_entry(client: Candidate) -> dict[str, Any]:
     """A client's entry in the results' ``clients`` list."""
     c = client.info
-    return {"id": c.id, "device": c.device, "speed": c.speed, "budget_bytes": c.budget_bytes,
-            "num_samples": c.num_samples, **client.extra}
+    return {
+        "id": c.id,
+        "device": c.device,
+        "speed": c.speed,
+        "budget_bytes": c.budget_bytes,
+        "num_samples": c.num_samples,
+        **client.extra,
+    }
 
 
-def round_entry(rnd: int, records: list[dict[str, Any]], strategy_report: Any, accuracy: float | None,
-                loss: float | None, virtual_before: float) -> dict[str, Any]:
+def round_entry(
+    rnd: int,
+    records: list[dict[str, Any]],
+    strategy_report: Any,
+    accuracy: float | None,
+    loss: float | None,
+    virtual_before: float,
+) -> dict[str, Any]:
     """A round's entry: ``round``, ``accuracy``/``loss`` (``None`` when not evaluated), ``clients``
     (the records), ``strategy`` (its round report), ``round_virtual_seconds`` (the slowest ok
     client's virtual time: a synchronous round), ``virtual_seconds`` (cumulative) and ``failed``
@@ -84,9 +103,16 @@ def round_entry(rnd: int, records: list[dict[str, Any]], strategy_report: Any, a
     runtime's)."""
     ok = [r for r in records if r["status"] == "ok"]
     round_virtual = max((r["virtual_seconds"] for r in ok), default=0.0)
-    return {"round": rnd, "accuracy": accuracy, "loss": loss, "clients": records, "strategy": strategy_report,
-            "round_virtual_seconds": round_virtual, "virtual_seconds": virtual_before + round_virtual,
-            "failed": len(records) - len(ok)}
+    return {
+        "round": rnd,
+        "accuracy": accuracy,
+        "loss": loss,
+        "clients": records,
+        "strategy": strategy_report,
+        "round_virtual_seconds": round_virtual,
+        "virtual_seconds": virtual_before + round_virtual,
+        "failed": len(records) - len(ok),
+    }
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -44,8 +44,10 @@ def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int
     """
     name = config.run.model
     if name == "custom":
-        raise ValueError("run.model 'custom' stands for a model_fn given to memfl.run(); to build the "
-                         "model from a config set run.model to 'package.module:function'")
+        raise ValueError(
+            "run.model 'custom' stands for a model_fn given to memfl.run(); to build the "
+            "model from a config set run.model to 'package.module:function'"
+        )
     if ":" in name:
         fn = import_object(name, "run.model")
 
@@ -55,14 +57,21 @@ def model_builder(config: Config, input_shape: tuple[int, ...], num_classes: int
 
         return build_user
     if len(input_shape) != 3:
-        raise ValueError(f"model {name!r} is built for (C, H, W) images; the data has inputs of shape "
-                         f"{tuple(input_shape)} (bring a model for them: run.model = 'package.module:function' "
-                         f"or memfl.run(model_fn, ...))")
+        raise ValueError(
+            f"model {name!r} is built for (C, H, W) images; the data has inputs of shape "
+            f"{tuple(input_shape)} (bring a model for them: run.model = 'package.module:function' "
+            f"or memfl.run(model_fn, ...))"
+        )
 
     def build(plan: Plan) -> torch.nn.Module:
         width = config.run.model_width * (plan.width if plan.kind == "width" else 1.0)
-        return build_model(config.run.model, in_channels=input_shape[0], num_classes=num_classes,
-                           image_size=input_shape[-1], width=width)
+        return build_model(
+            config.run.model,
+            in_channels=input_shape[0],
+            num_classes=num_classes,
+            image_size=input_shape[-1],
+            width=width,
+        )
 
     return build
 
@@ -75,8 +84,10 @@ def load_data(config: Config) -> Dataset:
     if ":" in config.run.dataset:
         return load_user_dataset(config.run.dataset)
     if config.run.dataset == "custom":
-        raise ValueError("run.dataset 'custom' stands for data given to memfl.run(); to load it from a "
-                         "config set run.dataset to 'package.module:function'")
+        raise ValueError(
+            "run.dataset 'custom' stands for data given to memfl.run(); to load it from a "
+            "config set run.dataset to 'package.module:function'"
+        )
     return load_dataset(config.run.dataset, config.run.data_dir)
 
 
@@ -87,20 +98,35 @@ def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimC
     clients = []
     for cid, (idx, (device, budget)) in enumerate(zip(parts, devices)):
         idx_t = torch.as_tensor(idx, dtype=torch.long)
-        info = ClientInfo(id=cid, num_samples=len(idx), device=device.name, speed=device.speed, budget_bytes=int(budget))
+        info = ClientInfo(
+            id=cid, num_samples=len(idx), device=device.name, speed=device.speed, budget_bytes=int(budget)
+        )
         clients.append(SimClient(info=info, x=data.train_x[idx_t], y=data.train_y[idx_t]))
     return clients
 
 
 def hyperparams(config: Config) -> HyperParams:
     t = config.train
-    return HyperParams(local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                       weight_decay=t.weight_decay, optimizer=t.optimizer, prox_mu=t.prox_mu, max_steps=t.max_steps)
+    return HyperParams(
+        local_epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        optimizer=t.optimizer,
+        prox_mu=t.prox_mu,
+        max_steps=t.max_steps,
+    )
 
 
-def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
-                 model_fn: Callable[[Plan], torch.nn.Module], *,
-                 example: torch.Tensor | None = None) -> FederationContext:
+def make_context(
+    config: Config,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    model_fn: Callable[[Plan], torch.nn.Module],
+    *,
+    example: torch.Tensor | None = None,
+) -> FederationContext:
     """The strategy's view of the task; predicted peaks are memoised per plan.
 
     ``example``: training inputs the estimates draw their random inputs like (integer token ids:
@@ -113,13 +139,23 @@ def make_context(config: Config, input_shape: tuple[int, ...], num_classes: int,
         plan = Plan.from_json(json.loads(plan_json))
         model = model_fn(plan)
         shape = (config.train.batch_size, *input_shape)
-        return estimate(model, shape, optimizer=config.train.optimizer, plan=plan,
-                        momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-                        example=spec).peak_bytes
+        return estimate(
+            model,
+            shape,
+            optimizer=config.train.optimizer,
+            plan=plan,
+            momentum=config.train.momentum,
+            weight_decay=config.train.weight_decay,
+            example=spec,
+        ).peak_bytes
 
     return FederationContext(
-        model_fn=model_fn, input_shape=tuple(input_shape), num_classes=num_classes,
-        hparams=hyperparams(config), per_round=config.run.per_round, seed=config.run.seed,
+        model_fn=model_fn,
+        input_shape=tuple(input_shape),
+        num_classes=num_classes,
+        hparams=hyperparams(config),
+        per_round=config.run.per_round,
+        seed=config.run.seed,
         peak_fn=lambda plan: peak(json.dumps(plan.to_json(), sort_keys=True)),
         rounds=config.run.rounds,
         settings=config.section(METHOD_SECTIONS[config.run.method]),
@@ -138,9 +174,15 @@ class ServerSetup:
     rounds: list[dict[str, Any]]  # rounds already done (from the checkpoint), else []
 
 
-def set_up_server(config: Config, input_shape: tuple[int, ...], num_classes: int,
-                  checkpoint: Checkpoint, *, model_fn: Callable[[Plan], torch.nn.Module] | None = None,
-                  example: torch.Tensor | None = None) -> ServerSetup:
+def set_up_server(
+    config: Config,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    checkpoint: Checkpoint,
+    *,
+    model_fn: Callable[[Plan], torch.nn.Module] | None = None,
+    example: torch.Tensor | None = None,
+) -> ServerSetup:
     """Model builder, initial global model, context and strategy -- same seeds, same order in the
     simulator and the Flower ServerApp, so both start from the same parameters -- then the
     parameters, rounds and strategy state of ``checkpoint`` when it holds a run to resume.

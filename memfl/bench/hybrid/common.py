@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def machine() -> dict[str, Any]:
@@ -17,8 +17,13 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()[0]
     except OSError:
         load = None
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(), "load_1min": load}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_1min": load,
+    }
 
 
 def mb(n: float | None) -> str:

@@ -34,10 +34,10 @@ from typing import Any
 
 from memfl.bench.hybrid.common import machine, mb
 from memfl.config import build_config
-from memfl.methods.fedhybrid.profile import profile_model
-from memfl.memory import measure
-from memfl.models import build_model
 from memfl.core.protocol import Plan
+from memfl.memory import measure
+from memfl.methods.fedhybrid.profile import profile_model
+from memfl.models import build_model
 from memfl.report import plot_accuracy
 from memfl.runtime.sim import run_experiment
 
@@ -51,11 +51,26 @@ GOAL_SPEEDUP = 3.0
 
 def base_config(quick: bool) -> dict[str, Any]:
     return {
-        "run": {"model": "cnn", "model_width": 0.5, "dataset": "fashion-mnist", "clients": 100,
-                "per_round": 10, "rounds": 4 if quick else 40, "eval_every": 1,
-                "partition": "dirichlet:0.5", "budgets": "relative:0.85-1.35", "seed": 0},
-        "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-                  **({"max_steps": 5} if quick else {})},
+        "run": {
+            "model": "cnn",
+            "model_width": 0.5,
+            "dataset": "fashion-mnist",
+            "clients": 100,
+            "per_round": 10,
+            "rounds": 4 if quick else 40,
+            "eval_every": 1,
+            "partition": "dirichlet:0.5",
+            "budgets": "relative:0.85-1.35",
+            "seed": 0,
+        },
+        "train": {
+            "local_epochs": 1,
+            "batch_size": 32,
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            **({"max_steps": 5} if quick else {}),
+        },
         "fedhybrid": {"contention": True},
     }
 
@@ -111,8 +126,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         t1 = time.time()
         runs[method] = run_experiment(build_config(cfg, source="hybrid-federation benchmark"), progress=False)
         s = runs[method]["summary"]
-        print(f"[hybrid-federation] {method}: final {100 * s['final_accuracy']:.2f}%, virtual "
-              f"{s['virtual_seconds']:.0f} s, wall {time.time() - t1:.0f} s", flush=True)
+        print(
+            f"[hybrid-federation] {method}: final {100 * s['final_accuracy']:.2f}%, virtual "
+            f"{s['virtual_seconds']:.0f} s, wall {time.time() - t1:.0f} s",
+            flush=True,
+        )
 
     # the profiled clock and the measured budget check
     r0 = base["run"]
@@ -120,7 +138,7 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     factory = partial(build_model, "cnn", in_channels=1, num_classes=10, image_size=28, width=r0["model_width"])
     prof = profile_model(factory(), shape, timing=True)
     measured: dict[str, int] = {}
-    for method, res in runs.items():
+    for res in runs.values():
         _profiled_clock(res, prof.step_seconds)
         for key, plan in _plans_used(res).items():
             if key not in measured:
@@ -141,19 +159,33 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                     viol_measured += 1
         s = res["summary"]
         rows[method] = {
-            "final_accuracy": s["final_accuracy"], "best_accuracy": s["best_accuracy"],
-            "virtual_seconds": s["virtual_seconds"], "profiled_seconds": res["rounds"][-1]["profiled_seconds"],
-            "time_to": {f"{t:.2f}": {"virtual": _time_to(res["rounds"], t, "virtual_seconds"),
-                                     "profiled": _time_to(res["rounds"], t, "profiled_seconds")} for t in TARGETS},
-            "scheduled": scheduled, "hybrid_plans": hybrid,
-            "oom_predicted": s.get("budget_violations", 0), "violations_measured": viol_measured,
+            "final_accuracy": s["final_accuracy"],
+            "best_accuracy": s["best_accuracy"],
+            "virtual_seconds": s["virtual_seconds"],
+            "profiled_seconds": res["rounds"][-1]["profiled_seconds"],
+            "time_to": {
+                f"{t:.2f}": {
+                    "virtual": _time_to(res["rounds"], t, "virtual_seconds"),
+                    "profiled": _time_to(res["rounds"], t, "profiled_seconds"),
+                }
+                for t in TARGETS
+            },
+            "scheduled": scheduled,
+            "hybrid_plans": hybrid,
+            "oom_predicted": s.get("budget_violations", 0),
+            "violations_measured": viol_measured,
             "eligible_per_round": [(r.get("strategy") or {}).get("eligible") for r in res["rounds"]],
             "accuracy_per_round": [r["accuracy"] for r in res["rounds"]],
             "virtual_per_round": [r["virtual_seconds"] for r in res["rounds"]],
             "profiled_per_round": [r["profiled_seconds"] for r in res["rounds"]],
         }
-    plot_accuracy(list(runs.values()), out / "hybrid-federation.png", labels=list(runs), x="virtual_seconds",
-                  title="cnn on Fashion-MNIST, 100 clients, contention: accuracy vs virtual time")
+    plot_accuracy(
+        list(runs.values()),
+        out / "hybrid-federation.png",
+        labels=list(runs),
+        x="virtual_seconds",
+        title="cnn on Fashion-MNIST, 100 clients, contention: accuracy vs virtual time",
+    )
     key = f"{TARGET:.2f}"
     speedup, speedup_unaware = {}, {}
     for clock in ("virtual", "profiled"):
@@ -163,12 +195,23 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             un = rows["random-unaware"]["time_to"][key][clock]
             speedup_unaware[clock] = (un / fh) if fh and un else None
     summary = {
-        "config": base, "machine": machine(), "seconds": time.time() - t0, "target": TARGET,
-        "profiled_step_seconds": prof.step_seconds, "measured_plan_peaks": measured, "methods": rows,
-        "speedup_vs_random": speedup, "speedup_vs_random_unaware": speedup_unaware,
-        "goal": {"speedup": GOAL_SPEEDUP,
-                 "met": bool(speedup["virtual"] and speedup["virtual"] >= GOAL_SPEEDUP
-                             and rows["fedhybrid"]["violations_measured"] == 0)},
+        "config": base,
+        "machine": machine(),
+        "seconds": time.time() - t0,
+        "target": TARGET,
+        "profiled_step_seconds": prof.step_seconds,
+        "measured_plan_peaks": measured,
+        "methods": rows,
+        "speedup_vs_random": speedup,
+        "speedup_vs_random_unaware": speedup_unaware,
+        "goal": {
+            "speedup": GOAL_SPEEDUP,
+            "met": bool(
+                speedup["virtual"]
+                and speedup["virtual"] >= GOAL_SPEEDUP
+                and rows["fedhybrid"]["violations_measured"] == 0
+            ),
+        },
     }
     (out / "hybrid-federation.json").write_text(json.dumps(summary, indent=1))
     (out / "hybrid-federation.md").write_text(_markdown(summary, out, quick))
@@ -188,7 +231,7 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         f"(torch {s['machine']['torch']}, {s['machine']['threads']} threads; wall {s['seconds'] / 60:.0f} min)",
         "",
         f"`{r['model']}` width {r['model_width']} on {r['dataset']}, {r['clients']} clients, {r['partition']}, "
-        f"{r['per_round']} per round, {r['rounds']} rounds, {t['local_epochs']} local epoch of batch {t['batch_size']}, "
+        f"{r['per_round']} per round, {r['rounds']} rounds, {t['local_epochs']} local epoch of batch {t['batch_size']}, "  # noqa: E501
         f"SGD lr {t['lr']} momentum {t['momentum']}, seed {r['seed']}. Capacities `{r['budgets']}` x the "
         "full-training peak, then contention traces per device kind (predicted budgets for the server, real ones "
         "for the check). Times in virtual seconds.",
@@ -203,24 +246,25 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
             f"| {m} | {100 * row['final_accuracy']:.2f}% | {100 * row['best_accuracy']:.2f}% | "
             f"{_fmt_t(tt[f'{TARGETS[0]:.2f}']['virtual'])} | {_fmt_t(tt[f'{TARGET:.2f}']['virtual'])} / "
             f"{_fmt_t(tt[f'{TARGET:.2f}']['profiled'])} | {_fmt_t(tt[f'{TARGETS[2]:.2f}']['virtual'])} | "
-            f"{row['hybrid_plans']} / {row['scheduled']} | {row['oom_predicted']} | {row['violations_measured']} |")
+            f"{row['hybrid_plans']} / {row['scheduled']} | {row['oom_predicted']} | {row['violations_measured']} |"
+        )
     sp = s["speedup_vs_random"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     lines += [
         "",
-        f"![accuracy vs virtual time](hybrid-federation.png)",
+        "![accuracy vs virtual time](hybrid-federation.png)",
         "",
         f"FedHybrid reaches {TARGET:.0%} {fmt(sp['virtual'])} sooner than random on the virtual clock "
         f"({fmt(sp['profiled'])} on the profiled clock). Goal: >= {s['goal']['speedup']:.0f}x with no measured "
         f"budget violation: {'met' if s['goal']['met'] else '**not met**'}. Distinct plans measured: "
-        f"{len(s['measured_plan_peaks'])} (peaks {', '.join(mb(v) for v in sorted(s['measured_plan_peaks'].values()))} MB).",
+        f"{len(s['measured_plan_peaks'])} (peaks {', '.join(mb(v) for v in sorted(s['measured_plan_peaks'].values()))} MB).",  # noqa: E501
         "",
     ]
     su = s.get("speedup_vs_random_unaware") or {}
     if su:
         lines += [
             f"Against the memory-unaware random baseline (`random-unaware`: `[fedhybrid] baseline_memory = "
-            f"\"unaware\"`, clients sent whatever their budget, those whose real budget is below the peak "
+            f'"unaware"`, clients sent whatever their budget, those whose real budget is below the peak '
             f"killed; a killed client adds no time to its round): {fmt(su.get('virtual'))} sooner on the virtual "
             f"clock ({fmt(su.get('profiled'))} profiled).",
             "",

@@ -57,12 +57,18 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
         rows.append({"predictor": name, **evaluate_predictor(_Fixed(f), held_out)})
     head = next(r for r in rows if r.get("quantile") == DEFAULT_QUANTILE)
     summary = {
-        "clients_per_kind": clients, "rounds": rounds, "ticks_per_round": TICKS_PER_ROUND,
-        "contention": {k: vars(v) for k, v in CONTENTION.items()}, "rows": rows,
-        "default_quantile": DEFAULT_QUANTILE, "goals": GOALS,
-        "met": bool(head["violation_rate"] <= GOALS["violation_rate"]
-                    and head["mean_headroom"] <= GOALS["mean_headroom"]),
-        "machine": machine(), "seconds": time.time() - t0,
+        "clients_per_kind": clients,
+        "rounds": rounds,
+        "ticks_per_round": TICKS_PER_ROUND,
+        "contention": {k: vars(v) for k, v in CONTENTION.items()},
+        "rows": rows,
+        "default_quantile": DEFAULT_QUANTILE,
+        "goals": GOALS,
+        "met": bool(
+            head["violation_rate"] <= GOALS["violation_rate"] and head["mean_headroom"] <= GOALS["mean_headroom"]
+        ),
+        "machine": machine(),
+        "seconds": time.time() - t0,
     }
     (out / "hybrid-predictor.json").write_text(json.dumps(summary, indent=1, default=str))
     lines = [
@@ -80,14 +86,18 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     ]
     for r in rows:
         pk = r["per_kind"]
-        cells = " | ".join(f"{100 * pk[k]['violation_rate']:.2f}% / {100 * pk[k]['mean_headroom']:.1f}%"
-                           for k in kinds)
+        cells = " | ".join(f"{100 * pk[k]['violation_rate']:.2f}% / {100 * pk[k]['mean_headroom']:.1f}%" for k in kinds)
         star = " (default)" if r.get("quantile") == DEFAULT_QUANTILE else ""
-        lines.append(f"| {r['predictor']}{star} | {100 * r['violation_rate']:.2f}% | "
-                     f"{100 * r['mean_headroom']:.1f}% | {cells} |")
-    lines += ["", f"Goal: violation rate <= 1% with mean unused headroom <= 10%: "
-              f"{'met' if summary['met'] else '**not met**'} (default quantile {DEFAULT_QUANTILE}: "
-              f"{100 * head['violation_rate']:.2f}%, {100 * head['mean_headroom']:.1f}%). The traces come from our "
-              "documented generator (memfl/methods/fedhybrid/budget.py), not from measured devices.", ""]
+        lines.append(
+            f"| {r['predictor']}{star} | {100 * r['violation_rate']:.2f}% | {100 * r['mean_headroom']:.1f}% | {cells} |"
+        )
+    lines += [
+        "",
+        f"Goal: violation rate <= 1% with mean unused headroom <= 10%: "
+        f"{'met' if summary['met'] else '**not met**'} (default quantile {DEFAULT_QUANTILE}: "
+        f"{100 * head['violation_rate']:.2f}%, {100 * head['mean_headroom']:.1f}%). The traces come from our "
+        "documented generator (memfl/methods/fedhybrid/budget.py), not from measured devices.",
+        "",
+    ]
     (out / "hybrid-predictor.md").write_text("\n".join(lines))
     return summary

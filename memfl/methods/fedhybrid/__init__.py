@@ -23,5 +23,13 @@ register_engine("hybrid", prepare_hybrid)
 for _strategy in (FedHybrid, RandomBaseline, OortBaseline, OortFedProx):
     register_method(_strategy.name, _strategy, section=("fedhybrid", FedHybridConfig))
 
-__all__ = ["FedHybrid", "FedHybridConfig", "OortBaseline", "OortFedProx", "PartitionError", "RandomBaseline",
-           "prepare_hybrid", "segments_of"]
+__all__ = [
+    "FedHybrid",
+    "FedHybridConfig",
+    "OortBaseline",
+    "OortFedProx",
+    "PartitionError",
+    "RandomBaseline",
+    "prepare_hybrid",
+    "segments_of",
+]

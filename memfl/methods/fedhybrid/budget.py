@@ -69,12 +69,36 @@ class ContentionModel:
 
 #: per device kind (memfl.data.devices.DEVICE_KINDS) -- our assumptions, see the module docs
 CONTENTION: dict[str, ContentionModel] = {
-    "phone": ContentionModel(base=(0.05, 0.30), theta=0.02, sigma=0.003, burst_rate=0.003,
-                             burst_median=0.05, burst_sigma=0.5, burst_ticks=20, jitter=0.002),
-    "board": ContentionModel(base=(0.02, 0.10), theta=0.02, sigma=0.001, burst_rate=0.001,
-                             burst_median=0.03, burst_sigma=0.5, burst_ticks=10, jitter=0.001),
-    "laptop": ContentionModel(base=(0.05, 0.25), theta=0.02, sigma=0.002, burst_rate=0.002,
-                              burst_median=0.05, burst_sigma=0.5, burst_ticks=30, jitter=0.002),
+    "phone": ContentionModel(
+        base=(0.05, 0.30),
+        theta=0.02,
+        sigma=0.003,
+        burst_rate=0.003,
+        burst_median=0.05,
+        burst_sigma=0.5,
+        burst_ticks=20,
+        jitter=0.002,
+    ),
+    "board": ContentionModel(
+        base=(0.02, 0.10),
+        theta=0.02,
+        sigma=0.001,
+        burst_rate=0.001,
+        burst_median=0.03,
+        burst_sigma=0.5,
+        burst_ticks=10,
+        jitter=0.001,
+    ),
+    "laptop": ContentionModel(
+        base=(0.05, 0.25),
+        theta=0.02,
+        sigma=0.002,
+        burst_rate=0.002,
+        burst_median=0.05,
+        burst_sigma=0.5,
+        burst_ticks=30,
+        jitter=0.002,
+    ),
 }
 
 
@@ -83,8 +107,7 @@ def contention_trace(kind: str, ticks: int, rng: np.random.Generator) -> np.ndar
     try:
         p = CONTENTION[kind]
     except KeyError:
-        raise ValueError(f"no contention model for device kind {kind!r}; "
-                         f"known: {', '.join(CONTENTION)}") from None
+        raise ValueError(f"no contention model for device kind {kind!r}; known: {', '.join(CONTENTION)}") from None
     base = rng.uniform(*p.base)
     drift = np.empty(ticks)
     d = 0.0
@@ -97,20 +120,21 @@ def contention_trace(kind: str, ticks: int, rng: np.random.Generator) -> np.ndar
     for s in starts:
         length = int(rng.geometric(1.0 / p.burst_ticks))
         size = p.burst_median * float(np.exp(rng.normal(0.0, p.burst_sigma)))
-        bursts[s:s + length] += size
+        bursts[s : s + length] += size
     share = base + drift + bursts + rng.normal(0.0, p.jitter, size=ticks)
     return np.clip(share, 0.0, p.max_share)
 
 
-def round_budgets(available: np.ndarray, rounds: int, warmup: int = WARMUP_TICKS,
-                  ticks_per_round: int = TICKS_PER_ROUND) -> np.ndarray:
+def round_budgets(
+    available: np.ndarray, rounds: int, warmup: int = WARMUP_TICKS, ticks_per_round: int = TICKS_PER_ROUND
+) -> np.ndarray:
     """The budget of rounds 1..rounds: the minimum of ``available`` over each round's ticks."""
-    body = available[warmup:warmup + rounds * ticks_per_round]
+    body = available[warmup : warmup + rounds * ticks_per_round]
     return body.reshape(rounds, ticks_per_round).min(axis=1)
 
 
 def _volatility(history: np.ndarray, window: int) -> float:
-    h = np.asarray(history[-(window + 1):], dtype=float)
+    h = np.asarray(history[-(window + 1) :], dtype=float)
     if len(h) < 3:
         return 0.0
     rel = np.diff(h) / np.maximum(h[:-1], 1e-12)
@@ -131,8 +155,11 @@ class BudgetPredictor:
     window: int = 50
     factors: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
 
-    def fit(self, traces: dict[str, Sequence[np.ndarray]], ticks_per_round: int = TICKS_PER_ROUND,
-            ) -> "BudgetPredictor":
+    def fit(
+        self,
+        traces: dict[str, Sequence[np.ndarray]],
+        ticks_per_round: int = TICKS_PER_ROUND,
+    ) -> "BudgetPredictor":
         """Learn the safety factors from training traces of *available* memory, per device kind."""
         for kind, series in traces.items():
             vols, ratios = [], []
@@ -140,7 +167,7 @@ class BudgetPredictor:
                 avail = np.asarray(avail, dtype=float)
                 for start in range(self.window, len(avail) - ticks_per_round + 1, ticks_per_round):
                     last = avail[start - 1]
-                    nxt = avail[start:start + ticks_per_round].min()
+                    nxt = avail[start : start + ticks_per_round].min()
                     vols.append(_volatility(avail[:start], self.window))
                     ratios.append(nxt / max(last, 1e-12))
             vols_a, ratios_a = np.asarray(vols), np.asarray(ratios)
@@ -170,16 +197,18 @@ class BudgetPredictor:
         return asdict(self)
 
 
-def training_traces(kinds: Sequence[str], *, clients: int = 60, rounds: int = 200,
-                    seed: int = 12345) -> dict[str, list[np.ndarray]]:
+def training_traces(
+    kinds: Sequence[str], *, clients: int = 60, rounds: int = 200, seed: int = 12345
+) -> dict[str, list[np.ndarray]]:
     """Available-memory traces (capacity 1.0) to fit a predictor on, per device kind."""
     rng = np.random.default_rng([seed, 7])
     ticks = WARMUP_TICKS + rounds * TICKS_PER_ROUND
     return {k: [1.0 - contention_trace(k, ticks, rng) for _ in range(clients)] for k in kinds}
 
 
-def evaluate_predictor(predictor: BudgetPredictor, traces: dict[str, Sequence[np.ndarray]],
-                       ticks_per_round: int = TICKS_PER_ROUND) -> dict[str, Any]:
+def evaluate_predictor(
+    predictor: BudgetPredictor, traces: dict[str, Sequence[np.ndarray]], ticks_per_round: int = TICKS_PER_ROUND
+) -> dict[str, Any]:
     """Violation rate and mean unused headroom of ``predictor`` on (held-out) traces.
 
     For every trace and every round after the first ``window`` ticks: prediction from the history,
@@ -193,15 +222,18 @@ def evaluate_predictor(predictor: BudgetPredictor, traces: dict[str, Sequence[np
             avail = np.asarray(avail, dtype=float)
             for start in range(predictor.window, len(avail) - ticks_per_round + 1, ticks_per_round):
                 pred = predictor.predict(kind, avail[:start])
-                real = avail[start:start + ticks_per_round].min()
+                real = avail[start : start + ticks_per_round].min()
                 v.append(real < pred)
                 h.append(max(0.0, (real - pred) / real))
-        per_kind[kind] = {"rounds": len(v), "violation_rate": float(np.mean(v)),
-                          "mean_headroom": float(np.mean(h))}
+        per_kind[kind] = {"rounds": len(v), "violation_rate": float(np.mean(v)), "mean_headroom": float(np.mean(h))}
         all_v += v
         all_h += h
-    return {"rounds": len(all_v), "violation_rate": float(np.mean(all_v)),
-            "mean_headroom": float(np.mean(all_h)), "per_kind": per_kind}
+    return {
+        "rounds": len(all_v),
+        "violation_rate": float(np.mean(all_v)),
+        "mean_headroom": float(np.mean(all_h)),
+        "per_kind": per_kind,
+    }
 
 
 class FederationBudgets:
@@ -211,15 +243,23 @@ class FederationBudgets:
     kinds:      device kind per client (phone | board | laptop).
     """
 
-    def __init__(self, capacities: Sequence[int], kinds: Sequence[str], rounds: int, *, seed: int,
-                 predictor: BudgetPredictor | None = None) -> None:
+    def __init__(
+        self,
+        capacities: Sequence[int],
+        kinds: Sequence[str],
+        rounds: int,
+        *,
+        seed: int,
+        predictor: BudgetPredictor | None = None,
+    ) -> None:
         self.capacities = [int(c) for c in capacities]
         self.kinds = list(kinds)
         self.rounds = int(rounds)
         rng = np.random.default_rng([int(seed), 4242])
         ticks = WARMUP_TICKS + self.rounds * TICKS_PER_ROUND
-        self.available = [cap * (1.0 - contention_trace(kind, ticks, rng))
-                          for cap, kind in zip(self.capacities, self.kinds)]
+        self.available = [
+            cap * (1.0 - contention_trace(kind, ticks, rng)) for cap, kind in zip(self.capacities, self.kinds)
+        ]
         self.predictor = predictor or BudgetPredictor().fit(training_traces(sorted(set(kinds))))
         self._real = [round_budgets(a, self.rounds) for a in self.available]
 
@@ -245,5 +285,6 @@ def federation_budgets(config: Any, infos: Sequence[Any]) -> FederationBudgets |
 
     kinds = [get_device(i.device).kind for i in infos]
     predictor = BudgetPredictor(quantile=fh.predictor_quantile).fit(training_traces(sorted(set(kinds))))
-    return FederationBudgets([i.budget_bytes for i in infos], kinds, config.run.rounds,
-                             seed=config.run.seed, predictor=predictor)
+    return FederationBudgets(
+        [i.budget_bytes for i in infos], kinds, config.run.rounds, seed=config.run.seed, predictor=predictor
+    )

@@ -114,7 +114,7 @@ def narrow_int(t: torch.Tensor) -> PackedInt | None:
     """``t`` as int16 when every value fits (max-pool indices of planes up to 181 x 181 do),
     else None."""
     lo, hi = torch.aminmax(t.detach())
-    if int(lo) < -2 ** 15 or int(hi) >= 2 ** 15:
+    if int(lo) < -(2**15) or int(hi) >= 2**15:
         return None
     return PackedInt(t.detach().to(torch.int16), t.dtype)
 
@@ -129,11 +129,10 @@ def _check_target(target: float, mixed: bool, min_bits: int) -> None:
 
 
 def _inv_levels_sq(b: float) -> float:
-    return 1.0 / (2.0 ** b - 1.0) ** 2
+    return 1.0 / (2.0**b - 1.0) ** 2
 
 
-def allocate_bits(ranges: torch.Tensor, target: float, *, mixed: bool = True,
-                  min_bits: int = 1) -> torch.Tensor:
+def allocate_bits(ranges: torch.Tensor, target: float, *, mixed: bool = True, min_bits: int = 1) -> torch.Tensor:
     """Per-channel bit-widths (int64, len C) with ``sum <= floor(target * C)`` (see module docs).
 
     ranges:   per-channel max - min.
@@ -172,7 +171,7 @@ def _grouped(shape: tuple[int, ...], cdim: int) -> tuple[tuple[int, ...], tuple[
     a 64x64x32x32 addcmul on one thread)."""
     C = shape[cdim]
     outer = math.prod(shape[:cdim])
-    inner = math.prod(shape[cdim + 1:])
+    inner = math.prod(shape[cdim + 1 :])
     if inner == 1:
         return (outer, C), (1, C)
     return (outer, C, inner), (1, C, 1)
@@ -244,8 +243,9 @@ def _code_bytes(positions: int, C: int, target: float) -> int:
     return -(-positions * bits_total // 8) + len(BIT_OPTIONS)
 
 
-def packed_nbytes(shape: tuple[int, ...] | torch.Size, target: float, mask: bool = False, *,
-                  mixed: bool = True, min_bits: int = 1) -> int:
+def packed_nbytes(
+    shape: tuple[int, ...] | torch.Size, target: float, mask: bool = False, *, mixed: bool = True, min_bits: int = 1
+) -> int:
     """Bytes a :class:`Packed` of a float tensor of ``shape`` holds at ``target`` average bits:
     the code buffer, the 1-bit sign mask of a ReLU output (``mask``), per-channel min and step
     (float32) and, for mixed widths, the channel order (int64). Exact, whatever the data."""
@@ -270,8 +270,19 @@ class Packed:
     ``groups`` = ``(bits, channels, byte offset)``.
     """
 
-    __slots__ = ("shape", "dtype", "cdim", "minimum", "step", "codes", "order", "groups", "mask",
-                 "source", "__weakref__")
+    __slots__ = (
+        "shape",
+        "dtype",
+        "cdim",
+        "minimum",
+        "step",
+        "codes",
+        "order",
+        "groups",
+        "mask",
+        "source",
+        "__weakref__",
+    )
 
     def __init__(self, shape, dtype, cdim, minimum, step, codes, order, groups, mask=None) -> None:
         self.shape = shape
@@ -287,8 +298,7 @@ class Packed:
 
     def memfl_stored_tensors(self) -> list[torch.Tensor]:
         """The tensors this object keeps alive (memfl.memory.estimate's counting protocol)."""
-        return [t for t in (self.minimum, self.step, self.codes, self.order, self.mask)
-                if t is not None]
+        return [t for t in (self.minimum, self.step, self.codes, self.order, self.mask) if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -301,7 +311,6 @@ class Packed:
         return [(b, n) for b, n, _ in self.groups]
 
     def unpack(self) -> torch.Tensor:
-        ndim = len(self.shape)
         C = self.shape[self.cdim]
         numel = math.prod(self.shape)
         positions = numel // C
@@ -319,9 +328,13 @@ class Packed:
             start = 0
             for bits, count, offset in self.groups:
                 n = positions * count
-                codes = unpack_codes(self.codes[offset:offset + -(-n * bits // 8)], bits, n)
-                torch.addcmul(mn[start:start + count, None], codes.view(count, positions),
-                              st[start:start + count, None], out=vals[start:start + count])
+                codes = unpack_codes(self.codes[offset : offset + -(-n * bits // 8)], bits, n)
+                torch.addcmul(
+                    mn[start : start + count, None],
+                    codes.view(count, positions),
+                    st[start : start + count, None],
+                    out=vals[start : start + count],
+                )
                 start += count
                 del codes
             major = _channel_major_shape(self.shape, self.cdim)
@@ -352,7 +365,7 @@ def _from_channel_major(t: torch.Tensor, shape: tuple[int, ...], cdim: int) -> t
 
 def _uniform_noise_bytes(numel: int, device: torch.device) -> torch.Tensor:
     words = (numel + 7) // 8
-    r = torch.empty(words, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    r = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
     return r.view(torch.uint8)[:numel]
 
 
@@ -369,8 +382,7 @@ def _stochastic_codes(x: torch.Tensor, minimum: torch.Tensor, inv: torch.Tensor)
     return v.to(torch.uint8)  # truncation == floor for these non-negative values
 
 
-def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: int = 1,
-             mask: bool = False) -> Packed:
+def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: int = 1, mask: bool = False) -> Packed:
     """Compress ``x`` to ``target`` average bits per value (see the module docs).
 
     mask: also store the exact sign pattern ``x > 0`` at 1 bit per value (for ReLU outputs, whose
@@ -388,16 +400,16 @@ def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: in
     mn = xd.amin(dim=dims)
     rng = xd.amax(dim=dims) - mn
     bits = allocate_bits(rng, target, mixed=mixed, min_bits=min_bits)
-    levels = (2.0 ** bits - 1.0).to(device=xd.device, dtype=torch.float32)
+    levels = (2.0**bits - 1.0).to(device=xd.device, dtype=torch.float32)
     # step slightly above range/levels so that (x - min) / step stays below `levels`
-    step = torch.where(rng > 0, rng / levels * (1.0 + 2.0 ** -20), torch.ones_like(rng))
+    step = torch.where(rng > 0, rng / levels * (1.0 + 2.0**-20), torch.ones_like(rng))
     inv = 1.0 / step
     codes = torch.empty(_code_bytes(positions, C, target), dtype=torch.uint8, device=xd.device)
     if not (mixed and _mixed_layout(target, min_bits)):  # one width for every channel
         b = int(bits[0])
         flat, view = _grouped(shape, cdim)
         q = _stochastic_codes(xd.reshape(flat), mn.view(view), inv.view(view))
-        pack_codes(q, b, out=codes[:-(-q.numel() * b // 8)])
+        pack_codes(q, b, out=codes[: -(-q.numel() * b // 8)])
         order, groups = None, [(b, C, 0)]
     else:  # channels sorted by width, channel-major: every width group is a contiguous block
         order = torch.argsort(bits, descending=True, stable=True).to(xd.device)
@@ -409,7 +421,7 @@ def quantize(x: torch.Tensor, target: float, *, mixed: bool = True, min_bits: in
         for b in sorted(set(sorted_bits), reverse=True):
             count = sorted_bits.count(b)
             n = -(-positions * count * b // 8)
-            pack_codes(q[start:start + count], b, out=codes[offset:offset + n])
+            pack_codes(q[start : start + count], b, out=codes[offset : offset + n])
             groups.append((int(b), count, offset))
             offset += n
             start += count
@@ -433,8 +445,9 @@ class Compressor:
     packed objects weakly, so it never keeps one alive longer than autograd does.
     """
 
-    def __init__(self, bits: float, *, mixed: bool = True, min_bits: int = 1,
-                 cache: weakref.WeakValueDictionary | None = None) -> None:
+    def __init__(
+        self, bits: float, *, mixed: bool = True, min_bits: int = 1, cache: weakref.WeakValueDictionary | None = None
+    ) -> None:
         self.bits = bits
         self.mixed = mixed
         self.min_bits = min_bits
@@ -453,8 +466,7 @@ class Compressor:
             if packed is None:
                 return t
         else:
-            packed = quantize(t, self.bits, mixed=self.mixed, min_bits=self.min_bits,
-                              mask=relu_output(t))
+            packed = quantize(t, self.bits, mixed=self.mixed, min_bits=self.min_bits, mask=relu_output(t))
         packed.source = weakref.ref(t)
         self.cache[key] = packed
         return packed
@@ -478,5 +490,6 @@ def parse_mode(mode: str) -> tuple[str, float | None]:
             bits = -1.0
         if 1 <= bits <= 8:
             return "q", bits
-    raise ValueError(f"bad segment mode {mode!r}; expected keep, recompute or qB with 1 <= B <= 8 "
-                     "(e.g. q8, q4, q2, q3.5)")
+    raise ValueError(
+        f"bad segment mode {mode!r}; expected keep, recompute or qB with 1 <= B <= 8 (e.g. q8, q4, q2, q3.5)"
+    )

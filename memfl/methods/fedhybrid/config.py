@@ -34,7 +34,8 @@ class FedHybridConfig(Section):
     @model_validator(mode="after")
     def _unaware_needs_contention(self) -> "FedHybridConfig":
         if self.baseline_memory == "unaware" and not self.contention:
-            raise ValueError("baseline_memory = \"unaware\" needs contention = true: only with contention "
-                             "traces does the simulator kill a client whose real budget is below its peak")
+            raise ValueError(
+                'baseline_memory = "unaware" needs contention = true: only with contention '
+                "traces does the simulator kill a client whose real budget is below its peak"
+            )
         return self
-

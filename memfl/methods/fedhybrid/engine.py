@@ -39,9 +39,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfl.core.engine import TrainStep
+from memfl.core.protocol import Plan
 from memfl.methods.fedhybrid.compress import Compressor, parse_mode
 from memfl.methods.fedhybrid.profile import check_segments, segments_of
-from memfl.core.protocol import Plan
 
 _BN = nn.modules.batchnorm._BatchNorm
 _KEEP = ("keep", None)
@@ -72,6 +72,7 @@ class _FrozenBNStats:
 def _recompute_context(module: nn.Module):
     def context_fn():
         return contextlib.nullcontext(), _FrozenBNStats(module)
+
     return context_fn
 
 
@@ -105,8 +106,10 @@ class HybridForward:
         modes = dict(plan.segments or {})
         unknown = set(modes) - set(names)
         if unknown:
-            raise ValueError(f"hybrid plan names unknown segments {sorted(unknown)[:3]}; "
-                             f"this model's segments are {', '.join(names)}")
+            raise ValueError(
+                f"hybrid plan names unknown segments {sorted(unknown)[:3]}; "
+                f"this model's segments are {', '.join(names)}"
+            )
         self.modes = [parse_mode(modes.get(name, "keep")) for name in names]
         opts = plan.options or {}
         self.mixed = bool(opts.get("mixed", True))
@@ -126,7 +129,9 @@ class HybridForward:
             cache: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
             self._compressors = {
                 bits: Compressor(bits, mixed=self.mixed, min_bits=self.min_bits, cache=cache)
-                for kind, bits in set(self.modes) if kind == "q"}
+                for kind, bits in set(self.modes)
+                if kind == "q"
+            }
 
     def _end(self) -> None:
         self._depth -= 1
@@ -179,4 +184,3 @@ def prepare_hybrid(model: nn.Module, plan: Plan) -> TrainStep:
         sent_buffers=[n for n, _ in model.named_buffers()],
         step_in_backward=bool((plan.options or {}).get("fused_step", False)),
     )
-

@@ -57,6 +57,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from memfl.core.protocol import Plan
 from memfl.methods.fedhybrid.profile import (
     ModelProfile,
     plan_memory,
@@ -65,7 +66,6 @@ from memfl.methods.fedhybrid.profile import (
     tensor_cost,
     transient_bytes,
 )
-from memfl.core.protocol import Plan
 
 #: compression widths a plan may use by default
 DEFAULT_BITS = (8, 4, 2)
@@ -94,7 +94,8 @@ class InfeasibleBudget(ValueError):
         super().__init__(
             f"no plan fits a budget of {budget_bytes / 2**20:.1f} MB; the smallest feasible budget "
             f"is {min_feasible_bytes / 2**20:.1f} MB (everything recomputed or compressed at the "
-            f"lowest allowed bits)")
+            f"lowest allowed bits)"
+        )
 
 
 @dataclass
@@ -142,8 +143,9 @@ class PlanChoice:
         return cls(**kw)
 
 
-def allowed_modes(bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAULT_MIN_BITS,
-                  recompute: bool = True) -> list[str]:
+def allowed_modes(
+    bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAULT_MIN_BITS, recompute: bool = True
+) -> list[str]:
     """The modes a plan may use: keep, recompute (optional), qB for B in ``bits`` with B >= min_bits."""
     modes = ["keep"] + (["recompute"] if recompute else [])
     for b in sorted(set(bits), reverse=True):
@@ -156,6 +158,7 @@ def allowed_modes(bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAUL
 
 
 # ------------------------------------------------------------------------------- the program
+
 
 @dataclass
 class _Program:
@@ -181,12 +184,13 @@ class _Program:
         return len(self.cols_cost) - 1
 
 
-def _build(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
-           speed: float, fused: bool = False) -> _Program:
+def _build(
+    prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int, speed: float, fused: bool = False
+) -> _Program:
     S, M = prof.head, len(modes)
     pg = _Program(prof, modes, mixed, min_bits)
     for s in range(S):
-        for m, mode in enumerate(modes):
+        for mode in modes:
             pg.add_col(prof.added_seconds(s, mode, speed), 1.0, True)
     pg.n_x = S * M
     for s in range(S):  # one mode per segment
@@ -311,8 +315,7 @@ def _solve(pg: _Program, *, budget: float | None) -> tuple[list[str], float] | N
     lp.a_matrix_.start_ = np.asarray(starts, dtype=np.int32)
     lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
     lp.a_matrix_.value_ = np.asarray(value, dtype=float)
-    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
-                       for i in integer]
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in integer]
     h.passModel(lp)
     h.run()
     status = h.getModelStatus()
@@ -322,13 +325,22 @@ def _solve(pg: _Program, *, budget: float | None) -> tuple[list[str], float] | N
     S, M = pg.prof.head, len(pg.modes)
     chosen = []
     for s in range(S):
-        m = int(np.argmax(sol[s * M:(s + 1) * M]))
+        m = int(np.argmax(sol[s * M : (s + 1) * M]))
         chosen.append(pg.modes[m])
     return chosen, float(h.getInfo().objective_function_value)
 
 
-def _choice(prof: ModelProfile, modes: list[str], budget: int, speed: float, *, mixed: bool,
-            min_bits: int, seconds: float, fused: bool = False) -> PlanChoice:
+def _choice(
+    prof: ModelProfile,
+    modes: list[str],
+    budget: int,
+    speed: float,
+    *,
+    mixed: bool,
+    min_bits: int,
+    seconds: float,
+    fused: bool = False,
+) -> PlanChoice:
     seg = dict(zip(prof.names, modes))
     options: dict[str, Any] = {"mixed": mixed, "min_bits": int(min_bits)}
     if fused:
@@ -337,13 +349,17 @@ def _choice(prof: ModelProfile, modes: list[str], budget: int, speed: float, *, 
     if all(m == "keep" for m in modes) and not fused:
         plan = Plan()
     else:
-        plan = Plan(kind="hybrid", segments={k: v for k, v in seg.items() if v != "keep"},
-                    options=options)
-    return PlanChoice(plan=plan, modes=seg, predicted_peak_bytes=mem, model_peak_bytes=mem,
-                      added_seconds=plan_seconds(prof, seg, speed)
-                      + (prof.fused_seconds / speed if fused else 0.0),
-                      step_seconds=prof.step_seconds / speed, budget_bytes=int(budget),
-                      solve_seconds=seconds)
+        plan = Plan(kind="hybrid", segments={k: v for k, v in seg.items() if v != "keep"}, options=options)
+    return PlanChoice(
+        plan=plan,
+        modes=seg,
+        predicted_peak_bytes=mem,
+        model_peak_bytes=mem,
+        added_seconds=plan_seconds(prof, seg, speed) + (prof.fused_seconds / speed if fused else 0.0),
+        step_seconds=prof.step_seconds / speed,
+        budget_bytes=int(budget),
+        solve_seconds=seconds,
+    )
 
 
 @dataclass
@@ -358,8 +374,9 @@ class _Chain:
     time: list[list[float]]  # [s][m]
 
 
-def _chain(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
-           speed: float, fused: bool = False) -> _Chain:
+def _chain(
+    prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int, speed: float, fused: bool = False
+) -> _Chain:
     S, M = prof.head, len(modes)
     base = ["keep"] * S
     unary = [[0.0] * M for _ in range(S)]
@@ -388,14 +405,17 @@ def _chain(prof: ModelProfile, modes: list[str], *, mixed: bool, min_bits: int,
                 for m2, mode2 in enumerate(modes):
                     pair[s][m][m2] += cost(rec, {s: mode, s + 1: mode2})
         else:  # never seen in the shipped models: charge the worst case at its first row
-            const[first] += max(cost(rec, dict(zip(planned, combo)))
-                                for combo in itertools.product(modes, repeat=len(planned)))
+            const[first] += max(
+                cost(rec, dict(zip(planned, combo))) for combo in itertools.product(modes, repeat=len(planned))
+            )
     row_const, acc = [], 0.0
     for s in range(S + 1):
         acc += const[s]
         row_const.append(prof.fixed_bytes() + prof.grads_alive(s, fused) + acc)
-    extra = [[(recompute_bytes(prof, s) if mode == "recompute" else 0) + transient_bytes(prof, s, mode)
-              for mode in modes] for s in range(S)]
+    extra = [
+        [(recompute_bytes(prof, s) if mode == "recompute" else 0) + transient_bytes(prof, s, mode) for mode in modes]
+        for s in range(S)
+    ]
     time_ = [[prof.added_seconds(s, mode, speed) for mode in modes] for s in range(S)]
     return _Chain(modes, unary, pair, row_const, extra, time_)
 
@@ -472,10 +492,18 @@ def _solve_dp(ch: _Chain, budget: float | None, resolution: float = 0.0) -> tupl
     return chosen, float(obj.min())
 
 
-def solve(prof: ModelProfile, budget_bytes: float, *, speed: float = 1.0,
-          bits: Sequence[float] = DEFAULT_BITS, min_bits: float = DEFAULT_MIN_BITS,
-          recompute: bool = True, mixed: bool = True, method: str = "dp",
-          fused: bool | None = None) -> PlanChoice:
+def solve(
+    prof: ModelProfile,
+    budget_bytes: float,
+    *,
+    speed: float = 1.0,
+    bits: Sequence[float] = DEFAULT_BITS,
+    min_bits: float = DEFAULT_MIN_BITS,
+    recompute: bool = True,
+    mixed: bool = True,
+    method: str = "dp",
+    fused: bool | None = None,
+) -> PlanChoice:
     """The fastest plan whose *model* peak is <= ``budget_bytes`` (exact; no verification).
 
     method: ``"dp"`` (default, the dynamic program) or ``"ilp"`` (HiGHS); both are exact for the
@@ -490,26 +518,37 @@ def solve(prof: ModelProfile, budget_bytes: float, *, speed: float = 1.0,
     mb = int(max(1, min_bits))
     if method == "dp":
         # exact up to EXACT_SEGMENTS segments; longer chains round memory to budget / 2**14
-        resolution = 0.0 if prof.head <= EXACT_SEGMENTS else float(budget_bytes) / 2 ** 14
-        res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
-                        float(budget_bytes), resolution)
+        resolution = 0.0 if prof.head <= EXACT_SEGMENTS else float(budget_bytes) / 2**14
+        res = _solve_dp(
+            _chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused), float(budget_bytes), resolution
+        )
     elif method == "ilp":
-        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
-                     budget=float(budget_bytes))
+        res = _solve(
+            _build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused), budget=float(budget_bytes)
+        )
     else:
         raise ValueError(f"unknown method {method!r}; expected 'dp' or 'ilp'")
     if res is None:
-        raise InfeasibleBudget(budget_bytes, min_feasible(prof, bits=bits, min_bits=min_bits,
-                                                          recompute=recompute, mixed=mixed,
-                                                          fused=fused))
-    return _choice(prof, res[0], int(budget_bytes), speed, mixed=mixed, min_bits=mb,
-                   seconds=time.perf_counter() - t0, fused=fused)
+        raise InfeasibleBudget(
+            budget_bytes,
+            min_feasible(prof, bits=bits, min_bits=min_bits, recompute=recompute, mixed=mixed, fused=fused),
+        )
+    return _choice(
+        prof, res[0], int(budget_bytes), speed, mixed=mixed, min_bits=mb, seconds=time.perf_counter() - t0, fused=fused
+    )
 
 
-def min_peak_choice(prof: ModelProfile, *, bits: Sequence[float] = DEFAULT_BITS,
-                    min_bits: float = DEFAULT_MIN_BITS, recompute: bool = True,
-                    mixed: bool = True, speed: float = 1.0, method: str = "dp",
-                    fused: bool | None = None) -> PlanChoice:
+def min_peak_choice(
+    prof: ModelProfile,
+    *,
+    bits: Sequence[float] = DEFAULT_BITS,
+    min_bits: float = DEFAULT_MIN_BITS,
+    recompute: bool = True,
+    mixed: bool = True,
+    speed: float = 1.0,
+    method: str = "dp",
+    fused: bool | None = None,
+) -> PlanChoice:
     """The plan with the smallest model peak (exact)."""
     modes = allowed_modes(bits, min_bits, recompute)
     fused = fusable(prof) if fused is None else bool(fused)
@@ -518,11 +557,9 @@ def min_peak_choice(prof: ModelProfile, *, bits: Sequence[float] = DEFAULT_BITS,
     if method == "dp":
         res = _solve_dp(_chain(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused), None)
     else:
-        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused),
-                     budget=None)
+        res = _solve(_build(prof, modes, mixed=mixed, min_bits=mb, speed=speed, fused=fused), budget=None)
     assert res is not None, "minimising the peak is always feasible"
-    return _choice(prof, res[0], 0, speed, mixed=mixed, min_bits=mb, seconds=time.perf_counter() - t0,
-                   fused=fused)
+    return _choice(prof, res[0], 0, speed, mixed=mixed, min_bits=mb, seconds=time.perf_counter() - t0, fused=fused)
 
 
 def fusable(prof: ModelProfile) -> bool:
@@ -547,24 +584,35 @@ def uniform_plan(prof: ModelProfile, mode: str, *, mixed: bool = True, fused: bo
 
 # ------------------------------------------------------------------ verified against the estimator
 
-def fit_limit(budget_bytes: float, margin: float = DEFAULT_MARGIN,
-              slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> float:
+
+def fit_limit(budget_bytes: float, margin: float = DEFAULT_MARGIN, slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> float:
     """The largest estimated peak a plan may have to be given a budget: ``budget x (1 - margin) -
     slack`` (the margin and slack cover the estimator's error against a measured peak)."""
     return budget_bytes * (1.0 - margin) - slack_bytes
 
 
-def budget_needed(predicted_peak_bytes: float, margin: float = DEFAULT_MARGIN,
-                  slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> int:
+def budget_needed(
+    predicted_peak_bytes: float, margin: float = DEFAULT_MARGIN, slack_bytes: int = ESTIMATOR_SLACK_BYTES
+) -> int:
     """The smallest budget whose :func:`fit_limit` admits ``predicted_peak_bytes``."""
     return int((predicted_peak_bytes + slack_bytes) / (1.0 - margin)) + 1
 
 
-def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
-                    estimate_fn: Callable[[Plan], int] | None, speed: float = 1.0,
-                    margin: float = DEFAULT_MARGIN, slack_bytes: int = ESTIMATOR_SLACK_BYTES, bits: Sequence[float] = DEFAULT_BITS,
-                    min_bits: float = DEFAULT_MIN_BITS, recompute: bool = True,
-                    mixed: bool = True, max_iter: int = 6, fused: bool | None = None) -> PlanChoice:
+def plan_for_budget(
+    prof: ModelProfile,
+    budget_bytes: int,
+    *,
+    estimate_fn: Callable[[Plan], int] | None,
+    speed: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
+    slack_bytes: int = ESTIMATOR_SLACK_BYTES,
+    bits: Sequence[float] = DEFAULT_BITS,
+    min_bits: float = DEFAULT_MIN_BITS,
+    recompute: bool = True,
+    mixed: bool = True,
+    max_iter: int = 6,
+    fused: bool | None = None,
+) -> PlanChoice:
     """The fastest plan whose peak, as ``estimate_fn`` predicts it, is <= :func:`fit_limit`
     (budget x (1 - margin) - slack).
 
@@ -590,8 +638,9 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
             cache[key] = int(estimate_fn(choice.plan))
         return cache[key]
 
-    full = _choice(prof, ["keep"] * prof.head, budget_bytes, speed, mixed=mixed,
-                   min_bits=int(max(1, min_bits)), seconds=0.0)
+    full = _choice(
+        prof, ["keep"] * prof.head, budget_bytes, speed, mixed=mixed, min_bits=int(max(1, min_bits)), seconds=0.0
+    )
     e_full = est(full)
     if e_full <= target:
         full.predicted_peak_bytes, full.verified = e_full, estimate_fn is not None
@@ -602,15 +651,22 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
     lowest = min_peak_choice(prof, speed=speed, **kw)
     lowest.predicted_peak_bytes, lowest.verified = est(lowest), estimate_fn is not None
     if lowest.predicted_peak_bytes > target:
-        raise InfeasibleBudget(budget_bytes, budget_needed(lowest.predicted_peak_bytes, margin,
-                                                           slack_bytes))
+        raise InfeasibleBudget(budget_bytes, budget_needed(lowest.predicted_peak_bytes, margin, slack_bytes))
     best = lowest
-    top = _choice(prof, ["keep"] * prof.head, budget_bytes, speed, mixed=mixed,
-                  min_bits=int(max(1, min_bits)), seconds=0.0, fused=fused)  # keep all (fused)
+    top = _choice(
+        prof,
+        ["keep"] * prof.head,
+        budget_bytes,
+        speed,
+        mixed=mixed,
+        min_bits=int(max(1, min_bits)),
+        seconds=0.0,
+        fused=fused,
+    )  # keep all (fused)
     lo_b, hi_b = float(lowest.model_peak_bytes), float(top.model_peak_bytes)
     model_budget = min(max(float(target), lo_b), hi_b)
     iterations = 0
-    for iterations in range(1, max_iter + 1):  # secant steps, then bisection on the model budget
+    for iterations in range(1, max_iter + 1):  # noqa: B007 -- read after the loop: the steps it took
         try:
             c = solve(prof, model_budget, speed=speed, **kw)
         except InfeasibleBudget:
@@ -638,9 +694,14 @@ def plan_for_budget(prof: ModelProfile, budget_bytes: int, *,
     return best
 
 
-def full_choice(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None,
-                speed: float = 1.0, margin: float = DEFAULT_MARGIN,
-                slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> PlanChoice:
+def full_choice(
+    prof: ModelProfile,
+    *,
+    estimate_fn: Callable[[Plan], int] | None,
+    speed: float = 1.0,
+    margin: float = DEFAULT_MARGIN,
+    slack_bytes: int = ESTIMATOR_SLACK_BYTES,
+) -> PlanChoice:
     """Full training as a :class:`PlanChoice` (its estimated peak; budget: :func:`budget_needed`)."""
     c = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=True, min_bits=1, seconds=0.0)
     if estimate_fn is not None:
@@ -649,9 +710,16 @@ def full_choice(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None
     return c
 
 
-def frontier(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None, levels: int = 16,
-             margin: float = DEFAULT_MARGIN, speed: float = 1.0,
-             slack_bytes: int = ESTIMATOR_SLACK_BYTES, **kw: Any) -> list[PlanChoice]:
+def frontier(
+    prof: ModelProfile,
+    *,
+    estimate_fn: Callable[[Plan], int] | None,
+    levels: int = 16,
+    margin: float = DEFAULT_MARGIN,
+    speed: float = 1.0,
+    slack_bytes: int = ESTIMATOR_SLACK_BYTES,
+    **kw: Any,
+) -> list[PlanChoice]:
     """A table of plans a server looks clients' budgets up in (:func:`pick`), fastest first.
 
     The exact program is solved for ``levels`` model budgets from the smallest peak to full
@@ -664,10 +732,10 @@ def frontier(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None, l
     kw["fused"] = fusable(prof) if kw.get("fused") is None else bool(kw["fused"])
     lo = min_peak_choice(prof, speed=speed, **kw)
     mb = int(max(1, kw.get("min_bits", DEFAULT_MIN_BITS)))
-    full = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True),
-                   min_bits=mb, seconds=0.0)
-    top = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True),
-                  min_bits=mb, seconds=0.0, fused=kw["fused"])
+    full = _choice(prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True), min_bits=mb, seconds=0.0)
+    top = _choice(
+        prof, ["keep"] * prof.head, 0, speed, mixed=kw.get("mixed", True), min_bits=mb, seconds=0.0, fused=kw["fused"]
+    )
 
     def key(c: PlanChoice) -> str:
         return json.dumps(c.plan.to_json(), sort_keys=True)
@@ -682,15 +750,18 @@ def frontier(prof: ModelProfile, *, estimate_fn: Callable[[Plan], int] | None, l
         c.budget_bytes = budget_needed(c.predicted_peak_bytes, margin, slack_bytes)
     table: list[PlanChoice] = []
     # fastest first; at equal time full training (no fused step) before the rest
-    for c in sorted(found.values(), key=lambda c: (c.added_seconds, c.plan.kind != "full",
-                                                    c.predicted_peak_bytes)):
+    for c in sorted(found.values(), key=lambda c: (c.added_seconds, c.plan.kind != "full", c.predicted_peak_bytes)):
         if not table or c.predicted_peak_bytes < min(t.predicted_peak_bytes for t in table):
             table.append(c)
     return table
 
 
-def pick(table: Sequence[PlanChoice], budget_bytes: int, margin: float = DEFAULT_MARGIN,
-         slack_bytes: int = ESTIMATOR_SLACK_BYTES) -> PlanChoice | None:
+def pick(
+    table: Sequence[PlanChoice],
+    budget_bytes: int,
+    margin: float = DEFAULT_MARGIN,
+    slack_bytes: int = ESTIMATOR_SLACK_BYTES,
+) -> PlanChoice | None:
     """The fastest plan of a :func:`frontier` table whose estimated peak is <= :func:`fit_limit`
     of the budget, or None when the budget is below every plan's."""
     limit = fit_limit(budget_bytes, margin, slack_bytes)

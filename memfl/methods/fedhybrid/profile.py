@@ -6,7 +6,8 @@ A *segment* is one sequential unit of :func:`memfl.models.units` (the ResNet ste
 unit; each CNN/VGG conv-BN-ReLU layer and pool; the ViT patch embedding and each transformer
 layer), or for a model that is not a BlockModel one of its ordered top-level children
 (:func:`segments_of`: an MLP's layers, an embedding model's embedding / pooling / linear modules, a
-small CNN's layers; :class:`PartitionError` when its forward is not its children in order). The head (pooling + classifier + loss) is a pseudo-segment that always keeps its tensors.
+small CNN's layers; :class:`PartitionError` when its forward is not its children in order). The head (pooling +
+classifier + loss) is a pseudo-segment that always keeps its tensors.
 Segments are what a hybrid plan decides about: keep, recompute or compress at b bits.
 
 What is recorded
@@ -49,9 +50,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from memfl.methods.fedhybrid.compress import (compress_kind, narrow_int, packed_nbytes, parse_mode, quantize,
-                                   relu_output)
 from memfl.memory.inputs import input_spec, random_input
+from memfl.methods.fedhybrid.compress import compress_kind, narrow_int, packed_nbytes, parse_mode, quantize, relu_output
 from memfl.models import units as model_units
 
 #: bit-widths whose pack/unpack cost is profiled (others interpolate linearly in bits)
@@ -134,8 +134,7 @@ class ModelProfile:
     def fixed_bytes(self) -> int:
         """Parameters, optimizer state, buffers, the batch and the runtime overhead (gradients
         come and go: :meth:`grads_alive`)."""
-        return (self.param_bytes + self.optimizer_bytes + self.buffer_bytes + self.input_bytes
-                + RUNTIME_OVERHEAD_BYTES)
+        return self.param_bytes + self.optimizer_bytes + self.buffer_bytes + self.input_bytes + RUNTIME_OVERHEAD_BYTES
 
     def grads_alive(self, index: int, fused: bool = False) -> int:
         """Gradient bytes alive while segment ``index`` runs its backward (``head``: the head's):
@@ -214,9 +213,11 @@ def segments_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return model_units(model)
     segs = list(model.named_children())
     if not segs:
-        raise PartitionError(f"cannot cut {type(model).__name__} into segments: it has no child modules "
-                             "(give a memfl BlockModel, an nn.Sequential or a module whose forward runs "
-                             "its children in order)")
+        raise PartitionError(
+            f"cannot cut {type(model).__name__} into segments: it has no child modules "
+            "(give a memfl BlockModel, an nn.Sequential or a module whose forward runs "
+            "its children in order)"
+        )
     return segs
 
 
@@ -250,14 +251,18 @@ def check_segments(model: nn.Module, x: torch.Tensor, atol: float = 1e-5) -> Non
             h = mod(h)
         out = head(h) if head is not None else h
     except Exception as err:  # noqa: BLE001
-        raise PartitionError(f"running the children of {type(model).__name__} in order fails "
-                             f"({type(err).__name__}: {err}); its forward must be its children in order") from None
+        raise PartitionError(
+            f"running the children of {type(model).__name__} in order fails "
+            f"({type(err).__name__}: {err}); its forward must be its children in order"
+        ) from None
     finally:
         model.train(was)
     if out.shape != ref.shape or not torch.allclose(out, ref, atol=atol, rtol=1e-4):
-        raise PartitionError(f"{type(model).__name__}'s forward is not its children "
-                             f"({', '.join(n for n, _ in segs)}) in order; write the steps between them as "
-                             "modules (or use an nn.Sequential) to plan it segment by segment")
+        raise PartitionError(
+            f"{type(model).__name__}'s forward is not its children "
+            f"({', '.join(n for n, _ in segs)}) in order; write the steps between them as "
+            "modules (or use an nn.Sequential) to plan it segment by segment"
+        )
 
 
 def _optimizer_bytes(param_bytes: int, optimizer: str, momentum: float) -> int:
@@ -270,8 +275,13 @@ def _optimizer_bytes(param_bytes: int, optimizer: str, momentum: float) -> int:
 
 def _max_module_param_bytes(module: nn.Module) -> int:
     """The largest trainable-parameter bytes held directly by one module of ``module``."""
-    return max((sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)
-                    if p.requires_grad) for m in module.modules()), default=0)
+    return max(
+        (
+            sum(p.numel() * p.element_size() for p in m.parameters(recurse=False) if p.requires_grad)
+            for m in module.modules()
+        ),
+        default=0,
+    )
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
@@ -311,9 +321,16 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return (a, b)
 
 
-def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: str = "sgd",
-                  momentum: float = 0.9, timing: bool = True, reps: int = 3,
-                  num_classes: int | None = None) -> ModelProfile:
+def profile_model(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    timing: bool = True,
+    reps: int = 3,
+    num_classes: int | None = None,
+) -> ModelProfile:
     """Profile ``model`` (left untouched: a copy is profiled) at ``input_shape`` (with the batch).
 
     timing: also measure forward, compression and full-step times (a few seconds for ResNet-18 at
@@ -360,9 +377,9 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
             if index not in rec.savers:
                 rec.savers.append(index)
             if index < S and t.is_floating_point():
-                seg_profiles[index].largest_bytes = max(seg_profiles[index].largest_bytes,
-                                                        t.numel() * t.element_size())
+                seg_profiles[index].largest_bytes = max(seg_profiles[index].largest_bytes, t.numel() * t.element_size())
             return t
+
         return pack
 
     h = x
@@ -371,8 +388,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
             rec = records.get(id(h)) or new_record(h)
             rec.inputs_of.append(i)
         seg_profiles[i].input_bytes = h.numel() * h.element_size()
-        seg_profiles[i].param_bytes = sum(p.numel() * p.element_size() for p in mod.parameters()
-                                          if p.requires_grad)
+        seg_profiles[i].param_bytes = sum(p.numel() * p.element_size() for p in mod.parameters() if p.requires_grad)
         seg_profiles[i].max_module_param_bytes = _max_module_param_bytes(mod)
         with torch.autograd.graph.saved_tensors_hooks(recorder(i), lambda t: t):
             h = mod(h)
@@ -386,9 +402,13 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
     param_bytes = sum(p.numel() * p.element_size() for p in trainable)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     prof = ModelProfile(
-        input_shape=tuple(input_shape), optimizer=optimizer, momentum=momentum,
-        segments=seg_profiles, tensors=list(records.values()),
-        param_bytes=param_bytes, grad_bytes=param_bytes,
+        input_shape=tuple(input_shape),
+        optimizer=optimizer,
+        momentum=momentum,
+        segments=seg_profiles,
+        tensors=list(records.values()),
+        param_bytes=param_bytes,
+        grad_bytes=param_bytes,
         optimizer_bytes=_optimizer_bytes(param_bytes, optimizer, momentum),
         buffer_bytes=buffer_bytes,
         input_bytes=x.numel() * x.element_size() + y.numel() * y.element_size(),
@@ -440,7 +460,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
         p.grad = torch.zeros_like(p)
 
     def per_param() -> None:
-        for o in per:
+        for o in per:  # noqa: F821 -- a closure over `per`, deleted below to free its momentum buffers
             o.step()
 
     one.step()
@@ -464,13 +484,13 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, optimizer: 
 
 # ------------------------------------------------------------------------------- the memory model
 
+
 def modes_list(prof: ModelProfile, segments: dict[str, str] | None) -> list[str]:
     """Per-segment modes in segment order (missing names: keep); unknown names are refused."""
     segments = dict(segments or {})
     unknown = set(segments) - set(prof.names)
     if unknown:
-        raise ValueError(f"plan names unknown segments {sorted(unknown)[:3]}; segments are "
-                         f"{', '.join(prof.names)}")
+        raise ValueError(f"plan names unknown segments {sorted(unknown)[:3]}; segments are {', '.join(prof.names)}")
     out = []
     for name in prof.names:
         mode = segments.get(name, "keep")
@@ -479,8 +499,9 @@ def modes_list(prof: ModelProfile, segments: dict[str, str] | None) -> list[str]
     return out
 
 
-def tensor_cost(rec: SavedTensor, modes: list[str], head: int, *, mixed: bool = True,
-                min_bits: int = 1) -> tuple[int, int]:
+def tensor_cost(
+    rec: SavedTensor, modes: list[str], head: int, *, mixed: bool = True, min_bits: int = 1
+) -> tuple[int, int]:
     """(full bytes, packed bytes) ``rec`` occupies after the forward under ``modes``.
 
     Full precision if any saver keeps it (the head always keeps), a compressing saver cannot
@@ -521,8 +542,9 @@ def transient_bytes(prof: ModelProfile, index: int, mode: str) -> int:
     return int(TRANSIENT_FACTOR[kind] * prof.segments[index].largest_bytes)
 
 
-def plan_memory(prof: ModelProfile, segments: dict[str, str] | None,
-                options: dict[str, Any] | None = None) -> dict[str, int]:
+def plan_memory(
+    prof: ModelProfile, segments: dict[str, str] | None, options: dict[str, Any] | None = None
+) -> dict[str, int]:
     """Predicted peak of a training step under a per-segment plan, with its breakdown.
 
     peak = fixed (parameters, optimizer state, buffers, batch, runtime) + max over segments s

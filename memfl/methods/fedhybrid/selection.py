@@ -103,8 +103,7 @@ class Selector:
             return {}
         if self.name == "oort":
             T = self.preferred_duration(candidates)
-            raw = {c.id: self.stats[c.id].num_samples * math.sqrt(max(self.stats[c.id].loss_sq, 0.0))
-                   for c in explored}
+            raw = {c.id: self.stats[c.id].num_samples * math.sqrt(max(self.stats[c.id].loss_sq, 0.0)) for c in explored}
             top = max(raw.values()) or 1.0
             out = {}
             for c in explored:
@@ -118,9 +117,12 @@ class Selector:
         # fedhybrid: (Stat + UCB staleness bonus) x MemStat x CompStat
         top_stat = max(self.stats[c.id].loss_sq for c in explored) or 1.0
         top_comp = max(1.0 / c.seconds for c in candidates)
-        return {c.id: (self.stats[c.id].loss_sq / top_stat + self._bonus(rnd, self.stats[c.id]))
-                * c.mem_stat * ((1.0 / c.seconds) / top_comp)
-                for c in explored}
+        return {
+            c.id: (self.stats[c.id].loss_sq / top_stat + self._bonus(rnd, self.stats[c.id]))
+            * c.mem_stat
+            * ((1.0 / c.seconds) / top_comp)
+            for c in explored
+        }
 
     def _prior(self, candidates: list[Candidate]) -> np.ndarray:
         """Sampling weights of unexplored clients: faster (and, for fedhybrid, roomier) first."""
@@ -130,8 +132,7 @@ class Selector:
         return inv / inv.sum() if inv.sum() > 0 else np.full(len(candidates), 1 / len(candidates))
 
     # -- selection ------------------------------------------------------------------------------
-    def select(self, rnd: int, candidates: list[Candidate], k: int,
-               rng: np.random.Generator) -> list[int]:
+    def select(self, rnd: int, candidates: list[Candidate], k: int, rng: np.random.Generator) -> list[int]:
         """Ids of ``k`` (or all, if fewer) of ``candidates`` for round ``rnd``."""
         if len(candidates) <= k:
             return [c.id for c in candidates]
@@ -162,24 +163,28 @@ class Selector:
     def _pace(self) -> None:
         w = self.pacer_window
         if self.name == "oort" and len(self.history) >= 2 * w and len(self.history) % w == 0:
-            if sum(self.history[-w:]) < sum(self.history[-2 * w:-w]):
+            if sum(self.history[-w:]) < sum(self.history[-2 * w : -w]):
                 self.pacer = min(100.0, self.pacer + self.pacer_step)
 
     # -- feedback -------------------------------------------------------------------------------
-    def update(self, rnd: int, client_id: int, sample_losses: list[float], num_samples: int,
-               duration: float | None = None) -> None:
+    def update(
+        self, rnd: int, client_id: int, sample_losses: list[float], num_samples: int, duration: float | None = None
+    ) -> None:
         """Record a client's result of round ``rnd``."""
         st = self.stats.setdefault(client_id, ClientStats())
         losses = np.asarray(sample_losses, dtype=float)
-        st.loss_sq = float((losses ** 2).mean()) if len(losses) else st.loss_sq
+        st.loss_sq = float((losses**2).mean()) if len(losses) else st.loss_sq
         st.num_samples = int(num_samples)
         st.last_round = int(rnd)
         st.duration = duration if duration is not None else st.duration
         st.rounds += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pacer": self.pacer, "history": list(self.history),
-                "stats": {str(k): asdict(v) for k, v in self.stats.items()}}
+        return {
+            "pacer": self.pacer,
+            "history": list(self.history),
+            "stats": {str(k): asdict(v) for k, v in self.stats.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pacer = float(state.get("pacer", self.pacer))

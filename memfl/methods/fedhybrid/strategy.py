@@ -7,7 +7,8 @@
    :mod:`memfl.methods.fedhybrid.budget`);
 2. its plan: the fastest hybrid keep/recompute/compress plan whose estimated peak is at most
    ``budget * (1 - margin)`` -- looked up in a table of plans the server solves once (the planner's
-   dynamic program, :func:`memfl.methods.fedhybrid.planner.frontier`, each verified with :func:`memfl.memory.estimate`), full
+   dynamic program, :func:`memfl.methods.fedhybrid.planner.frontier`, each verified with
+   :func:`memfl.memory.estimate`), full
    training when it fits; clients below the cheapest plan sit the round out;
 3. selection among the eligible clients by ``[fedhybrid] selection`` (default ``fedhybrid``:
    Stat x MemStat x CompStat + UCB, :mod:`memfl.methods.fedhybrid.selection`), where CompStat uses the client's
@@ -34,12 +35,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from memfl.core.protocol import Instruction, Plan, Result
+from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 from memfl.methods.fedhybrid.config import FedHybridConfig
 from memfl.methods.fedhybrid.planner import PlanChoice, frontier, full_choice, pick
 from memfl.methods.fedhybrid.profile import profile_model
-from memfl.core.protocol import Instruction, Plan, Result
 from memfl.methods.fedhybrid.selection import Candidate, Selector
-from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 
 #: bandwidth the selector assumes for transfers (the simulator's virtual clock uses the same)
 BANDWIDTH_MBPS = 20.0
@@ -57,8 +58,12 @@ class FedHybrid(Strategy):
         super().__init__(ctx)
         s: FedHybridConfig = ctx.settings or FedHybridConfig()
         self.settings = s
-        self.selector = Selector(name=self.selection or s.selection, explore=s.explore,
-                                 explore_decay=s.explore_decay, explore_min=s.explore_min)
+        self.selector = Selector(
+            name=self.selection or s.selection,
+            explore=s.explore,
+            explore_decay=s.explore_decay,
+            explore_min=s.explore_min,
+        )
         self.margin = s.margin
         self.full_peak = int(ctx.peak_fn(Plan()))
         self._table: list[PlanChoice] | None = None
@@ -77,16 +82,23 @@ class FedHybrid(Strategy):
         if self._table is None:
             s, hp = self.settings, self.ctx.hparams
             shape = (hp.batch_size, *self.ctx.input_shape)
-            prof = profile_model(self.ctx.model_fn(Plan()), shape, optimizer=hp.optimizer,
-                                 momentum=hp.momentum, timing=True)
+            prof = profile_model(
+                self.ctx.model_fn(Plan()), shape, optimizer=hp.optimizer, momentum=hp.momentum, timing=True
+            )
             self._full_step_seconds = prof.step_seconds
             if self.plans == "full":
                 self._table = [full_choice(prof, estimate_fn=self.ctx.peak_fn, margin=self.margin)]
             else:
-                self._table = frontier(prof, estimate_fn=self.ctx.peak_fn,
-                                       levels=s.plan_levels, margin=self.margin,
-                                       bits=s.bits, min_bits=s.min_bits, mixed=s.mixed,
-                                       recompute=s.recompute)
+                self._table = frontier(
+                    prof,
+                    estimate_fn=self.ctx.peak_fn,
+                    levels=s.plan_levels,
+                    margin=self.margin,
+                    bits=s.bits,
+                    min_bits=s.min_bits,
+                    mixed=s.mixed,
+                    recompute=s.recompute,
+                )
         return self._table
 
     def choice_for(self, client: ClientInfo) -> PlanChoice | None:
@@ -121,22 +133,29 @@ class FedHybrid(Strategy):
         step = choice.step_seconds + choice.added_seconds if choice else self._full_step_seconds
         return self._steps(client) * step / client.speed + self._transfer
 
-    def select(self, round: int, candidates: list[ClientInfo], k: int,
-               rng: np.random.Generator, plans: Mapping[int, Plan]) -> list[ClientInfo]:
+    def select(
+        self, round: int, candidates: list[ClientInfo], k: int, rng: np.random.Generator, plans: Mapping[int, Plan]
+    ) -> list[ClientInfo]:
         """The selector's pick; CompStat weighs each candidate's round time under its plan."""
-        cands = [Candidate(id=c.id, num_samples=c.num_samples, speed=c.speed,
-                           seconds=self.predicted_seconds(c, self._choice(c, plans.get(c.id))),
-                           mem_stat=min(1.0, c.budget_bytes / max(1, self.full_peak)))
-                 for c in candidates]
+        cands = [
+            Candidate(
+                id=c.id,
+                num_samples=c.num_samples,
+                speed=c.speed,
+                seconds=self.predicted_seconds(c, self._choice(c, plans.get(c.id))),
+                mem_stat=min(1.0, c.budget_bytes / max(1, self.full_peak)),
+            )
+            for c in candidates
+        ]
         ids = set(self.selector.select(round, cands, k, rng))
         return [c for c in candidates if c.id in ids]
 
-    def round_facts(self, round: int, plans: Mapping[int, Plan | None],
-                    chosen: list[ClientInfo]) -> dict[str, Any]:
+    def round_facts(self, round: int, plans: Mapping[int, Plan | None], chosen: list[ClientInfo]) -> dict[str, Any]:
         """What :meth:`round_report` says about ``round``: the selector, how many were eligible,
         its exploration rate and each chosen client's plan, peak and predicted time."""
         return {
-            "selection": self.selector.name, "eligible": sum(1 for p in plans.values() if p is not None),
+            "selection": self.selector.name,
+            "eligible": sum(1 for p in plans.values() if p is not None),
             "epsilon": float(f"{self.selector.epsilon(round):.4f}"),
             "clients": {str(c.id): self._client_report(c, self._choice(c, plans[c.id])) for c in chosen},
         }
@@ -144,32 +163,39 @@ class FedHybrid(Strategy):
     def _client_report(self, c: ClientInfo, choice: PlanChoice | None) -> dict[str, Any]:
         if choice is None:
             return {}
-        return {"plan": choice.plan.to_json(), "predicted_peak_bytes": choice.predicted_peak_bytes,
-                "step_time_ratio": round(choice.step_time_ratio, 4),
-                "predicted_seconds": round(self.predicted_seconds(c, choice), 4),
-                "budget_bytes": c.budget_bytes}
+        return {
+            "plan": choice.plan.to_json(),
+            "predicted_peak_bytes": choice.predicted_peak_bytes,
+            "step_time_ratio": round(choice.step_time_ratio, 4),
+            "predicted_seconds": round(self.predicted_seconds(c, choice), 4),
+            "budget_bytes": c.budget_bytes,
+        }
 
-    def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        clients: list[ClientInfo]) -> list[Instruction]:
+    def configure_train(
+        self, round: int, global_params: dict[str, torch.Tensor], clients: list[ClientInfo]
+    ) -> list[Instruction]:
         plans, chosen = self.plan_and_select(round, clients)
         self._speeds.update({c.id: c.speed for c in clients})
         self._report = self.round_facts(round, plans, chosen)
         return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
-    def instruction(self, round: int, client: ClientInfo, plan: Plan,
-                    global_params: dict[str, torch.Tensor]) -> Instruction:
+    def instruction(
+        self, round: int, client: ClientInfo, plan: Plan, global_params: dict[str, torch.Tensor]
+    ) -> Instruction:
         ins = super().instruction(round, client, plan, global_params)
         if self.prox_mu != ins.hparams.prox_mu:
             ins.hparams = replace(ins.hparams, prox_mu=self.prox_mu)
         return ins
 
     # -- aggregation and feedback ---------------------------------------------------------------
-    def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        results: list[Result]) -> dict[str, torch.Tensor]:
+    def aggregate_train(
+        self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
+    ) -> dict[str, torch.Tensor]:
         for r in results:
             speed = self._speeds.get(r.client_id, 1.0)
-            self.selector.update(round, r.client_id, r.sample_losses, r.num_samples,
-                                 duration=r.compute_seconds / speed + self._transfer)
+            self.selector.update(
+                round, r.client_id, r.sample_losses, r.num_samples, duration=r.compute_seconds / speed + self._transfer
+            )
         return super().aggregate_train(round, global_params, results)
 
     def round_report(self, round: int) -> dict[str, Any]:
@@ -178,8 +204,11 @@ class FedHybrid(Strategy):
     def state_dict(self) -> dict[str, Any]:
         # The plan table is saved too: it is solved from timings measured when the server starts,
         # so a resumed run re-solving it could pick other (equally valid) plans and diverge.
-        table = None if self._table is None else {
-            "plans": [c.to_json() for c in self._table], "full_step_seconds": self._full_step_seconds}
+        table = (
+            None
+            if self._table is None
+            else {"plans": [c.to_json() for c in self._table], "full_step_seconds": self._full_step_seconds}
+        )
         return {"selector": self.selector.state_dict(), "table": table}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

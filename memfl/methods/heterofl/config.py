@@ -11,4 +11,3 @@ class HeteroFLConfig(Section):
     """``method = "heterofl"``: the width fractions a client may train (largest that fits wins)."""
 
     widths: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1)
-

@@ -29,6 +29,7 @@ from memfl.core.protocol import Instruction, Plan, Result
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 from memfl.methods.heterofl.config import HeteroFLConfig
 
+
 def prepare_width(model: nn.Module, plan: Plan) -> TrainStep:
     """Engine for ``Plan(kind="width")``: ``model`` is already the width-scaled sub-model (built by
     ``model_fn(plan)``), trained in full."""
@@ -63,8 +64,10 @@ def nested_fedavg(global_params: dict[str, torch.Tensor], results: list[Result])
             t = r.params[k]
             idx = tuple(slice(0, s) for s in t.shape)
             if t.dim() != ref.dim() or any(s > n for s, n in zip(t.shape, ref.shape)):
-                raise ValueError(f"client {r.client_id} sent {k!r} with shape {tuple(t.shape)}, not a leading "
-                                 f"slice of {tuple(ref.shape)}")
+                raise ValueError(
+                    f"client {r.client_id} sent {k!r} with shape {tuple(t.shape)}, not a leading "
+                    f"slice of {tuple(ref.shape)}"
+                )
             acc[idx] += t.to(torch.float64) * r.num_samples
             weight[idx] += r.num_samples
         out = ref.to(torch.float64).clone()
@@ -109,15 +112,17 @@ class HeteroFL(Strategy):
         # the sub-model has the full model's keys: its trainable names are the full model's
         return tuple(n for n, p in self._reference.named_parameters() if p.requires_grad)
 
-    def instruction(self, round: int, client: ClientInfo, plan: Plan,
-                    global_params: dict[str, torch.Tensor]) -> Instruction:
+    def instruction(
+        self, round: int, client: ClientInfo, plan: Plan, global_params: dict[str, torch.Tensor]
+    ) -> Instruction:
         """The client's leading slices of the global tensors."""
         shapes = self._sub_shapes(plan)
         params = {k: slice_to(global_params[k], s).clone() for k, s in shapes.items()}
         return super().instruction(round, client, plan, params)
 
-    def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        results: list[Result]) -> dict[str, torch.Tensor]:
+    def aggregate_train(
+        self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
+    ) -> dict[str, torch.Tensor]:
         return nested_fedavg(global_params, results) if results else dict(global_params)
 
     def round_report(self, round: int) -> dict[str, Any]:

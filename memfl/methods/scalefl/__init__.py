@@ -28,7 +28,25 @@ from memfl.methods.scalefl.strategy import ScaleFL
 register_engine("stage", prepare_stage)
 register_method("scalefl", ScaleFL, section=("scalefl", ScaleFLConfig))
 
-__all__ = ["Harmonizer", "OutputModule", "Partition", "PartitionError", "ProjectionHead", "ScaleFL", "ScaleFLConfig",
-           "ScaleFLModel", "StageSchedule", "harmonizer_for", "memory_balanced_starts", "mentor_loss", "mentor_terms",
-           "nhsic", "partition_model", "plateaued", "prepare_stage", "scalefl_model_fn", "stage_client_factory",
-           "stage_client_model"]
+__all__ = [
+    "Harmonizer",
+    "OutputModule",
+    "Partition",
+    "PartitionError",
+    "ProjectionHead",
+    "ScaleFL",
+    "ScaleFLConfig",
+    "ScaleFLModel",
+    "StageSchedule",
+    "harmonizer_for",
+    "memory_balanced_starts",
+    "mentor_loss",
+    "mentor_terms",
+    "nhsic",
+    "partition_model",
+    "plateaued",
+    "prepare_stage",
+    "scalefl_model_fn",
+    "stage_client_factory",
+    "stage_client_model",
+]

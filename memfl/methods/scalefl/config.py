@@ -25,4 +25,3 @@ class ScaleFLConfig(Section):
     beta: list[float] = Field(default_factory=lambda: [0.0, 0.1], min_length=2, max_length=2)
     gamma: list[float] = Field(default_factory=lambda: [0.3, 0.1], min_length=2, max_length=2)
     sigma: float = Field(5.0, gt=0)  # Gaussian kernel width
-

@@ -79,8 +79,9 @@ def as_scalefl(model: nn.Module, plan: Plan) -> ScaleFLModel:
     key = (opts["blocks"], opts["partition"], opts["batch_size"], opts["input_shape"])
     if cached is not None and cached[0] == key:
         return cached[1]
-    view = ScaleFLModel(model, opts["blocks"], mode=opts["partition"], batch_size=opts["batch_size"],
-                        input_shape=opts["input_shape"])
+    view = ScaleFLModel(
+        model, opts["blocks"], mode=opts["partition"], batch_size=opts["batch_size"], input_shape=opts["input_shape"]
+    )
     object.__setattr__(model, "_scalefl_view", (key, view))  # not a submodule: no state-dict change
     return view
 
@@ -168,8 +169,13 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
 
     def metrics() -> dict[str, Any]:
         n = sums["batches"]
-        out: dict[str, Any] = {"stage": t, "block": t, "beta_t": beta_t, "gamma_t": gamma_t,
-                               "harmonized": harm.boundary}
+        out: dict[str, Any] = {
+            "stage": t,
+            "block": t,
+            "beta_t": beta_t,
+            "gamma_t": gamma_t,
+            "harmonized": harm.boundary,
+        }
         if n:
             out["nhsic_xz"] = sums["nhsic_xz"] / n
             out["nhsic_yz"] = sums["nhsic_yz"] / n
@@ -178,6 +184,11 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
         return out
 
     held = StageModule([sm.get_submodule(u) for g in part.groups[:t] for u in g], out_module, proj)
-    return TrainStep(module=held, trainable=trainable, forward=forward,
-                     extra_loss=extra_loss if (mentor or opts["metrics"]) else None,
-                     sent_buffers=sent_buffers, metrics=metrics)
+    return TrainStep(
+        module=held,
+        trainable=trainable,
+        forward=forward,
+        extra_loss=extra_loss if (mentor or opts["metrics"]) else None,
+        sent_buffers=sent_buffers,
+        metrics=metrics,
+    )

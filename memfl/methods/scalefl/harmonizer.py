@@ -38,8 +38,9 @@ def no_bn_update_on_recompute(modules: list[nn.Module]):
 
     @contextlib.contextmanager
     def frozen_stats() -> Iterator[None]:
-        saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                 for m in norms]
+        saved = [
+            (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
+        ]
         for m in norms:
             m.momentum = 0.0
         try:
@@ -75,7 +76,7 @@ class Harmonizer:
 
 def harmonizer_for(model: nn.Module, part: Partition, stage: int, enabled: bool = True) -> Harmonizer:
     """The harmonizer of stage ``stage`` (1-based) of ``model`` cut by ``part``."""
-    frozen = [u for g in part.groups[:stage - 1] for u in g]
+    frozen = [u for g in part.groups[: stage - 1] for u in g]
     if stage <= 1:
         return Harmonizer([], frozen, reason="stage 1 has no block before it")
     if not enabled:
@@ -85,7 +86,7 @@ def harmonizer_for(model: nn.Module, part: Partition, stage: int, enabled: bool 
         return Harmonizer([], frozen, reason=f"block {stage - 1} has no layer with parameters")
     prev = list(part.groups[stage - 2])
     first = next(i for i, u in enumerate(prev) if any(b == u or b.startswith(u + ".") for b in boundary))
-    return Harmonizer(boundary, frozen[:len(frozen) - len(prev) + first], prev[first:])
+    return Harmonizer(boundary, frozen[: len(frozen) - len(prev) + first], prev[first:])
 
 
 class HarmonizedTail:

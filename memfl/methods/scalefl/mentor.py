@@ -91,8 +91,9 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(y.long(), num_classes).float()
 
 
-def coefficients(block: int, blocks: int, beta: tuple[float, float] | list[float],
-                 gamma: tuple[float, float] | list[float]) -> tuple[float, float]:
+def coefficients(
+    block: int, blocks: int, beta: tuple[float, float] | list[float], gamma: tuple[float, float] | list[float]
+) -> tuple[float, float]:
     """The curriculum: ``(beta_t, gamma_t)`` for block ``block`` (1-based) of ``blocks``.
 
     ``beta = (beta_first, beta_last)`` and ``gamma = (gamma_first, gamma_last)`` are interpolated
@@ -116,8 +117,15 @@ class MentorTerms(NamedTuple):
     nhsic_yp: torch.Tensor | None
 
 
-def mentor_terms(x: torch.Tensor, z: torch.Tensor, y_onehot: torch.Tensor, p: torch.Tensor | None,
-                 beta_t: float, gamma_t: float, sigma: float = SIGMA) -> MentorTerms:
+def mentor_terms(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    y_onehot: torch.Tensor,
+    p: torch.Tensor | None,
+    beta_t: float,
+    gamma_t: float,
+    sigma: float = SIGMA,
+) -> MentorTerms:
     """The Curriculum Mentor's part of the stage-t loss, as the ``stage`` engine trains it.
 
     x: the input batch (any shape; flattened per sample, detached: the mentor does not push on the
@@ -136,8 +144,15 @@ def mentor_terms(x: torch.Tensor, z: torch.Tensor, y_onehot: torch.Tensor, p: to
     return MentorTerms(loss, xz, yp)
 
 
-def mentor_loss(x: torch.Tensor, z: torch.Tensor, y_onehot: torch.Tensor, p: torch.Tensor | None,
-                beta_t: float, gamma_t: float, sigma: float = SIGMA) -> torch.Tensor:
+def mentor_loss(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    y_onehot: torch.Tensor,
+    p: torch.Tensor | None,
+    beta_t: float,
+    gamma_t: float,
+    sigma: float = SIGMA,
+) -> torch.Tensor:
     """``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (the part of L_t added to the CE): the loss
     training adds (:func:`mentor_terms`, without its values)."""
     return mentor_terms(x, z, y_onehot, p, beta_t, gamma_t, sigma).loss

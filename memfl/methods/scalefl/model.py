@@ -46,20 +46,39 @@ class ScaleFLModel(nn.Module):
     input_shape: one sample's shape (default: from ``model.arch``; required for other models).
     """
 
-    def __init__(self, model: nn.Module, blocks: int = 4, *, mode: str = "default",
-                 boundaries: list | None = None, head: str | None = None,
-                 input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                 batch_size: int = 32, exit_width: str = "light") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: int = 4,
+        *,
+        mode: str = "default",
+        boundaries: list | None = None,
+        head: str | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 32,
+        exit_width: str = "light",
+    ) -> None:
         super().__init__()
         arch = dict(getattr(model, "arch", {}) or {})
         if input_shape is None:
             if not {"in_channels", "image_size"} <= arch.keys():
-                raise PartitionError(f"ScaleFLModel needs input_shape for {type(model).__name__} "
-                                     "(one sample's shape; not recorded in model.arch)")
+                raise PartitionError(
+                    f"ScaleFLModel needs input_shape for {type(model).__name__} "
+                    "(one sample's shape; not recorded in model.arch)"
+                )
             input_shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
         self.input_shape = tuple(input_shape)
-        part = partition_model(model, blocks, mode=mode, boundaries=boundaries, head=head,
-                               input_shape=self.input_shape, batch_size=batch_size, exit_width=exit_width)
+        part = partition_model(
+            model,
+            blocks,
+            mode=mode,
+            boundaries=boundaries,
+            head=head,
+            input_shape=self.input_shape,
+            batch_size=batch_size,
+            exit_width=exit_width,
+        )
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
@@ -87,8 +106,7 @@ class ScaleFLModel(nn.Module):
         for t in range(1, part.blocks + 1):
             shape = shapes[ends[t - 1]]
             if t < part.blocks:
-                exit_ = OutputModule(shape, exit_channels(shapes, ends[t - 1], num_classes, exit_width),
-                                     num_classes)
+                exit_ = OutputModule(shape, exit_channels(shapes, ends[t - 1], num_classes, exit_width), num_classes)
                 self.exits[str(t)] = exit_
                 width = exit_.width
             else:
@@ -143,8 +161,14 @@ class ScaleFLModel(nn.Module):
 
 # -- building client/global models -----------------------------------------------------------------
 
-def scalefl_model_fn(model_fn: Callable[[Plan], nn.Module], blocks: int = 4, mode: str = "default",
-                     input_shape: tuple[int, ...] | None = None, batch_size: int = 32) -> Callable[[Plan], nn.Module]:
+
+def scalefl_model_fn(
+    model_fn: Callable[[Plan], nn.Module],
+    blocks: int = 4,
+    mode: str = "default",
+    input_shape: tuple[int, ...] | None = None,
+    batch_size: int = 32,
+) -> Callable[[Plan], nn.Module]:
     """Wrap a ``plan -> model`` builder so it returns :class:`ScaleFLModel` s (the simulator's global
     and client model for the ``scalefl`` method)."""
 
@@ -154,8 +178,9 @@ def scalefl_model_fn(model_fn: Callable[[Plan], nn.Module], blocks: int = 4, mod
     return build
 
 
-def stage_client_model(base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4,
-                       mode: str = "default", batch_size: int = 32) -> ScaleFLModel:
+def stage_client_model(
+    base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4, mode: str = "default", batch_size: int = 32
+) -> ScaleFLModel:
     """A stage-``stage`` client's model: a ScaleFLModel whose tensors stage ``stage`` does not use
     (later blocks, other output modules and projection heads, the head before stage T) are freed,
     as on a client that received only what its stage needs. For measuring real memory
@@ -175,7 +200,8 @@ def stage_client_model(base_factory: Callable[[], nn.Module], stage: int, blocks
     return sm
 
 
-def stage_client_factory(base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4,
-                         mode: str = "default", batch_size: int = 32) -> Callable[[], ScaleFLModel]:
+def stage_client_factory(
+    base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4, mode: str = "default", batch_size: int = 32
+) -> Callable[[], ScaleFLModel]:
     """Picklable zero-argument factory of :func:`stage_client_model`."""
     return functools.partial(stage_client_model, base_factory, stage, blocks, mode, batch_size)

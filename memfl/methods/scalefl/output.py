@@ -94,8 +94,7 @@ class ProjectionHead(nn.Module):
         return self.fc2(F.relu(self.fc1(pooled)))
 
 
-def exit_channels(shapes: list[tuple[int, ...]], start: int, num_classes: int = 10,
-                  width: str = "light") -> list[int]:
+def exit_channels(shapes: list[tuple[int, ...]], start: int, num_classes: int = 10, width: str = "light") -> list[int]:
     """Channels of O_t's strided convs, one conv per later unit that shrinks the spatial size.
 
     shapes: one sample's output shape of every unit, in order; start: the index of block t's last
@@ -112,7 +111,7 @@ def exit_channels(shapes: list[tuple[int, ...]], start: int, num_classes: int = 
     if width not in ("light", "model"):
         raise ValueError(f"exit width {width!r}: expected 'light' or 'model'")
     chans, h, w = [], shapes[start][1], shapes[start][2]
-    for s in shapes[start + 1:]:
+    for s in shapes[start + 1 :]:
         if len(s) == 3 and (s[1] < h or s[2] < w):
             chans.append(max(shapes[start][0], num_classes) if width == "light" else s[0])
             h, w = s[1], s[2]

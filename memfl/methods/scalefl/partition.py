@@ -37,7 +37,6 @@ from memfl.memory.inputs import input_spec, random_input
 from memfl.methods.scalefl.output import OutputModule, ProjectionHead, exit_channels
 from memfl.models.base import BlockModel, last_layer_names, units
 
-
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -98,26 +97,37 @@ class Partition:
 def _sequential_children(model: nn.Module, head: str | None) -> tuple[list[str], str]:
     names = [n for n, _ in model.named_children()]
     if len(names) < 2:
-        raise PartitionError(f"{type(model).__name__} has {len(names)} top-level children; a model "
-                             "cut from its children needs at least one unit and a head")
+        raise PartitionError(
+            f"{type(model).__name__} has {len(names)} top-level children; a model "
+            "cut from its children needs at least one unit and a head"
+        )
     head = head or names[-1]
     if head not in names:
-        raise PartitionError(f"head {head!r} is not a top-level child of {type(model).__name__}; "
-                             f"children: {', '.join(names)}")
+        raise PartitionError(
+            f"head {head!r} is not a top-level child of {type(model).__name__}; children: {', '.join(names)}"
+        )
     if head != names[-1]:
         raise PartitionError(f"head {head!r} must be the last top-level child (children: {', '.join(names)})")
     return names[:-1], head
 
 
 def _unit_list(model: nn.Module, head: str | None) -> tuple[list[str], str]:
-    if isinstance(model, BlockModel) or (hasattr(model, "blocks") and hasattr(model, "head")
-                                         and isinstance(getattr(model, "blocks"), nn.ModuleList)):
+    if isinstance(model, BlockModel) or (
+        hasattr(model, "blocks") and hasattr(model, "head") and isinstance(model.blocks, nn.ModuleList)
+    ):
         return [n for n, _ in units(model)], "head"  # type: ignore[arg-type]
     return _sequential_children(model, head)
 
 
-def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int, *, zeros: bool = False,
-                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+def example_input(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int,
+    *,
+    zeros: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """A probe batch ``(batch, *input_shape)`` for ``model``, drawn as the memory estimator draws
     its input (:func:`memfl.memory.inputs.input_spec`: token ids in range for a model whose first
     layer is an ``nn.Embedding`` or that carries a ``memfl_input_spec``; else ``torch.randn`` of
@@ -153,18 +163,27 @@ def _nbytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks: int,
-                           input_shape: tuple[int, ...], batch_size: int, atoms: list[int],
-                           exit_width: str = "light") -> list[int]:
+def memory_balanced_starts(
+    model: nn.Module,
+    names: list[str],
+    head: str,
+    blocks: int,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    atoms: list[int],
+    exit_width: str = "light",
+) -> list[int]:
     """Block start indices (into ``names``) minimising the largest predicted *stage* peak.
 
     Every candidate stage (units i..j-1 trained, the harmonized last unit of the block before it --
     recomputed, so it keeps its input --, the output module after it) is run once on a 2-sample
-    batch as the stage engine runs it, counting the bytes autograd saves; its cost at ``batch_size`` (SGD with momentum) = parameters
+    batch as the stage engine runs it, counting the bytes autograd saves; its cost at ``batch_size`` (SGD with
+    momentum) = parameters
     held (units 0..j-1 and the output module or head) + momentum of what trains + the larger of
     its gradients and the saved activations (the backward frees the one as the other appears) +
     the backward's in-flight buffers (three of the stage's largest activation or weight gradient),
-    activations scaled to the batch -- the shape of :func:`memfl.memory.estimate`'s model. Exact dynamic programming then picks the cut whose
+    activations scaled to the batch -- the shape of :func:`memfl.memory.estimate`'s model. Exact dynamic
+    programming then picks the cut whose
     most expensive stage is cheapest. Cuts fall only on ``atoms`` (units with parameters)."""
     n = len(names)
     mods = [model.get_submodule(u) for u in names]
@@ -173,8 +192,9 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
     flags = [(q, q.requires_grad) for q in all_params]
     was = model.training
     p0 = all_params[0] if all_params else None
-    x = example_input(model, input_shape, 2, dtype=p0.dtype if p0 is not None else None,
-                      device=p0.device if p0 is not None else None)
+    x = example_input(
+        model, input_shape, 2, dtype=p0.dtype if p0 is not None else None, device=p0.device if p0 is not None else None
+    )
     inputs, shapes = [], []
     try:
         model.eval()
@@ -187,8 +207,11 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
                 shapes.append(tuple(h.shape[1:]))
         model.train()
         ends = atoms[1:] + [n]
-        exits = {e: OutputModule(shapes[e - 1], exit_channels(shapes, e - 1, num_classes, exit_width), num_classes)
-                 for e in ends if e < n}
+        exits = {
+            e: OutputModule(shapes[e - 1], exit_channels(shapes, e - 1, num_classes, exit_width), num_classes)
+            for e in ends
+            if e < n
+        }
         exit_par = {e: _nbytes(m) + _nbytes(ProjectionHead(m.width)) for e, m in exits.items()}
         prefix = [0]
         for m in mods:
@@ -254,10 +277,17 @@ def memory_balanced_starts(model: nn.Module, names: list[str], head: str, blocks
     return [edges[a] for a in sorted(cuts)[1:]]
 
 
-def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
-                    boundaries: Sequence[int | str] | None = None, head: str | None = None,
-                    input_shape: tuple[int, ...] | None = None, batch_size: int = 32,
-                    exit_width: str = "light") -> Partition:
+def partition_model(
+    model: nn.Module,
+    blocks: int = 4,
+    *,
+    mode: str = "default",
+    boundaries: Sequence[int | str] | None = None,
+    head: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    batch_size: int = 32,
+    exit_width: str = "light",
+) -> Partition:
     """Cut ``model`` into ``blocks`` blocks (see the module docstring).
 
     mode:        ``"default"`` (a BlockModel's own blocks when their number matches, else balanced)
@@ -267,7 +297,8 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
     head:        for a plain ``nn.Module``: the name of the child acting as the head (must be last).
     input_shape: one sample's shape, needed to balance a model that does not record it in ``arch``.
     batch_size:  the training batch the memory balance is computed for (``balanced`` only);
-                 ``exit_width``: the output modules' width it assumes (see :func:`memfl.methods.scalefl.output.exit_channels`).
+                 ``exit_width``: the output modules' width it assumes (see
+                 :func:`memfl.methods.scalefl.output.exit_channels`).
     """
     if blocks < 1:
         raise PartitionError(f"blocks must be >= 1, got {blocks}")
@@ -275,8 +306,10 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
         raise PartitionError(f"partition mode {mode!r}: expected 'default' or 'balanced'")
     names, head_name = _unit_list(model, head)
     if blocks > len(names):
-        raise PartitionError(f"{type(model).__name__} has only {len(names)} sequential units "
-                             f"({', '.join(names)}); cannot cut it into {blocks} blocks")
+        raise PartitionError(
+            f"{type(model).__name__} has only {len(names)} sequential units "
+            f"({', '.join(names)}); cannot cut it into {blocks} blocks"
+        )
 
     if boundaries is not None:
         starts = []
@@ -290,10 +323,12 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
         if len(starts) != blocks - 1:
             raise PartitionError(f"{blocks} blocks need {blocks - 1} boundaries, got {len(starts)}")
         if starts != sorted(set(starts)) or (starts and (starts[0] < 1 or starts[-1] >= len(names))):
-            raise PartitionError(f"boundaries {list(boundaries)} must be strictly increasing unit indices "
-                                 f"in 1..{len(names) - 1}")
-    elif (mode == "default" and isinstance(getattr(model, "blocks", None), nn.ModuleList)
-          and len(model.blocks) == blocks):  # type: ignore[arg-type]
+            raise PartitionError(
+                f"boundaries {list(boundaries)} must be strictly increasing unit indices in 1..{len(names) - 1}"
+            )
+    elif (
+        mode == "default" and isinstance(getattr(model, "blocks", None), nn.ModuleList) and len(model.blocks) == blocks
+    ):  # type: ignore[arg-type]
         return Partition(groups=tuple(_block_units(names, i) for i in range(blocks)), head=head_name)
     else:
         shape = input_shape
@@ -308,23 +343,30 @@ def partition_model(model: nn.Module, blocks: int = 4, *, mode: str = "default",
         atoms: list[int] = []
         for i, name in enumerate(names):
             mod = model.get_submodule(name)
-            if i == 0 or (any(True for _ in mod.parameters())
-                          and not (isinstance(mod, _NORMS) and isinstance(model.get_submodule(names[i - 1]), _WEIGHTED))):
+            if i == 0 or (
+                any(True for _ in mod.parameters())
+                and not (isinstance(mod, _NORMS) and isinstance(model.get_submodule(names[i - 1]), _WEIGHTED))
+            ):
                 atoms.append(i)
         if blocks > len(atoms):
-            raise PartitionError(f"{type(model).__name__} has only {len(atoms)} units with parameters (a norm "
-                                 f"layer counts with the conv/linear before it); cannot cut it into {blocks} blocks")
+            raise PartitionError(
+                f"{type(model).__name__} has only {len(atoms)} units with parameters (a norm "
+                f"layer counts with the conv/linear before it); cannot cut it into {blocks} blocks"
+            )
         try:
-            starts = memory_balanced_starts(model, names, head_name, blocks, tuple(shape), batch_size, atoms,
-                                            exit_width)
+            starts = memory_balanced_starts(
+                model, names, head_name, blocks, tuple(shape), batch_size, atoms, exit_width
+            )
         except PartitionError:
             raise
         except Exception as err:  # noqa: BLE001 - a non-sequential model, wrong shape, ...
-            raise PartitionError(f"cannot run the units of {type(model).__name__} in order on input "
-                                 f"{tuple(shape)} ({type(err).__name__}: {err}); give explicit "
-                                 "boundaries or a model whose forward is its children in order") from None
+            raise PartitionError(
+                f"cannot run the units of {type(model).__name__} in order on input "
+                f"{tuple(shape)} ({type(err).__name__}: {err}); give explicit "
+                "boundaries or a model whose forward is its children in order"
+            ) from None
     edges = [0, *starts, len(names)]
-    groups = tuple(tuple(names[edges[i]:edges[i + 1]]) for i in range(blocks))
+    groups = tuple(tuple(names[edges[i] : edges[i + 1]]) for i in range(blocks))
     return Partition(groups=groups, head=head_name)
 
 
@@ -350,5 +392,7 @@ def check_sequential(model: nn.Module, part: Partition, x: torch.Tensor, atol: f
     finally:
         model.train(was)
     if out.shape != ref.shape or not torch.allclose(out, ref, atol=atol, rtol=1e-4):
-        raise PartitionError(f"{type(model).__name__}'s forward is not its units in order; give a model "
-                             "whose forward runs its children in sequence, or wrap it in a BlockModel")
+        raise PartitionError(
+            f"{type(model).__name__}'s forward is not its units in order; give a model "
+            "whose forward runs its children in sequence, or wrap it in a BlockModel"
+        )

@@ -69,16 +69,27 @@ class StageSchedule:
         elif self.rounds_in_stage >= self.r_min and plateaued(self.losses, self.window, self.plateau):
             reason = "plateau"
         if reason:
-            self.transitions.append({"round": round, "from": self.stage, "to": self.stage + 1,
-                                     "reason": reason, "rounds": self.rounds_in_stage})
+            self.transitions.append(
+                {
+                    "round": round,
+                    "from": self.stage,
+                    "to": self.stage + 1,
+                    "reason": reason,
+                    "rounds": self.rounds_in_stage,
+                }
+            )
             self.stage += 1
             self.rounds_in_stage = 0
             self.losses = []
         return reason
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "rounds_in_stage": self.rounds_in_stage, "losses": list(self.losses),
-                "transitions": list(self.transitions)}
+        return {
+            "stage": self.stage,
+            "rounds_in_stage": self.rounds_in_stage,
+            "losses": list(self.losses),
+            "transitions": list(self.transitions),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stage = int(state["stage"])

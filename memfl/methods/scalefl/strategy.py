@@ -4,8 +4,8 @@ Each round trains one stage t of the global :class:`~memfl.methods.scalefl.Scale
 frozen, block t + its output module + projection head trained, block t-1's last layer co-trained
 by the Training Harmonizer):
 
-- **Schedule** (:mod:`memfl.methods.scalefl.schedule`) ``elastic`` (default): a stage runs at least ``r_min`` rounds and moves on when the
-  aggregated training loss plateaus -- its least-squares slope over the last ``window`` rounds,
+- **Schedule** (:mod:`memfl.methods.scalefl.schedule`) ``elastic`` (default): a stage runs at
+  least ``r_min`` rounds and moves on when the aggregated training loss plateaus -- its least-squares slope over the last ``window`` rounds,
   relative to its mean, improves by less than ``plateau`` per round -- or after ``r_max`` rounds
   (default ``run.rounds // T``, so every stage gets its turn within the run; ``r_min`` is capped
   at ``r_max``). After stage T the
@@ -60,8 +60,9 @@ class ScaleFL(Strategy):
         # the stage schedule (JSON state, checkpointed)
         self.scheduler = StageSchedule(s.schedule, self.T, s.r_min, r_max, s.window, s.plateau)
         # the server's reference copy, to name the tensors each stage trains
-        self._model = ScaleFLModel(self._reference, self.T, mode=s.partition, input_shape=ctx.input_shape,
-                                   batch_size=ctx.hparams.batch_size)
+        self._model = ScaleFLModel(
+            self._reference, self.T, mode=s.partition, input_shape=ctx.input_shape, batch_size=ctx.hparams.batch_size
+        )
         # a model that does not record its input shape gets it in the plan (for the estimator)
         arch = getattr(self._reference, "arch", None) or {}
         self._shape_option = None if {"in_channels", "image_size"} <= arch.keys() else list(ctx.input_shape)
@@ -94,20 +95,28 @@ class ScaleFL(Strategy):
 
     # -- the global model -------------------------------------------------------------------------
     @classmethod
-    def wrap_model_fn(cls, model_fn: Callable[[Plan], nn.Module],
-                      ctx: FederationContext) -> Callable[[Plan], nn.Module]:
+    def wrap_model_fn(
+        cls, model_fn: Callable[[Plan], nn.Module], ctx: FederationContext
+    ) -> Callable[[Plan], nn.Module]:
         """ScaleFL's global (and client) model is a ScaleFLModel, so output modules and projection
         heads live in the global state dict (stored, aggregated, checkpointed)."""
         s: ScaleFLConfig = ctx.settings or ScaleFLConfig()
-        return scalefl_model_fn(model_fn, s.blocks, mode=s.partition, input_shape=tuple(ctx.input_shape),
-                                batch_size=ctx.hparams.batch_size)
+        return scalefl_model_fn(
+            model_fn, s.blocks, mode=s.partition, input_shape=tuple(ctx.input_shape), batch_size=ctx.hparams.batch_size
+        )
 
     # -- plans ------------------------------------------------------------------------------------
     def plan(self, stage: int) -> Plan:
         s = self.settings
-        options = {"blocks": self.T, "partition": s.partition, "mentor": s.mentor,
-                   "harmonizer": s.harmonizer, "beta": list(s.beta), "gamma": list(s.gamma),
-                   "sigma": float(s.sigma)}
+        options = {
+            "blocks": self.T,
+            "partition": s.partition,
+            "mentor": s.mentor,
+            "harmonizer": s.harmonizer,
+            "beta": list(s.beta),
+            "gamma": list(s.gamma),
+            "sigma": float(s.sigma),
+        }
         if s.partition == "balanced":
             options["batch_size"] = self.ctx.hparams.batch_size
         if self._shape_option is not None:
@@ -131,35 +140,46 @@ class ScaleFL(Strategy):
             trainable = tuple(step.trainable_names())
             t = int(plan.stage)
             part = self._model.partition
-            needed = [k for k in self._model.state_dict()
-                      if (part.block_of(k) or self.T + 1) <= t
-                      or k.startswith(f"exits.{t}.") or k.startswith(f"projs.{t}.")
-                      or (t == self.T and (k == part.head or k.startswith(part.head + ".")))]
+            needed = [
+                k
+                for k in self._model.state_dict()
+                if (part.block_of(k) or self.T + 1) <= t
+                or k.startswith(f"exits.{t}.")
+                or k.startswith(f"projs.{t}.")
+                or (t == self.T and (k == part.head or k.startswith(part.head + ".")))
+            ]
             self._names[key] = (trainable, tuple(needed))
         return self._names[key]
 
     def trainable_for(self, plan: Plan) -> tuple[str, ...]:
         return self._stage_names(plan)[0]
 
-    def instruction(self, round: int, client: ClientInfo, plan: Plan,
-                    global_params: dict[str, torch.Tensor]) -> Instruction:
+    def instruction(
+        self, round: int, client: ClientInfo, plan: Plan, global_params: dict[str, torch.Tensor]
+    ) -> Instruction:
         """Send a stage-t client only what stage t uses: blocks 1..t, O_t (the head at T) and P_t."""
         needed = self._stage_names(plan)[1]
         return super().instruction(round, client, plan, {k: global_params[k] for k in needed if k in global_params})
 
     # -- the two runtime calls --------------------------------------------------------------------
-    def configure_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        clients: list[ClientInfo]) -> list[Instruction]:
+    def configure_train(
+        self, round: int, global_params: dict[str, torch.Tensor], clients: list[ClientInfo]
+    ) -> list[Instruction]:
         stage = self.stage_for(round)
         peak = self.ctx.peak_fn(self.plan(stage))
         plans, chosen = self.plan_and_select(round, clients)
         eligible = sum(1 for p in plans.values() if p is not None)
-        self._report[round] = {"stage": stage, "eligible": eligible, "stage_peak_bytes": int(peak),
-                               "schedule": self.schedule}
+        self._report[round] = {
+            "stage": stage,
+            "eligible": eligible,
+            "stage_peak_bytes": int(peak),
+            "schedule": self.schedule,
+        }
         return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
-    def aggregate_train(self, round: int, global_params: dict[str, torch.Tensor],
-                        results: list[Result]) -> dict[str, torch.Tensor]:
+    def aggregate_train(
+        self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
+    ) -> dict[str, torch.Tensor]:
         stage = self.stage_for(round)
         new = fedavg(global_params, results) if results else dict(global_params)
         rep = self._report.setdefault(round, {"stage": stage, "schedule": self.schedule})
@@ -191,8 +211,13 @@ class ScaleFL(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         sched = self.scheduler.state_dict()
-        return {"stage": sched["stage"], "rounds_in_stage": sched["rounds_in_stage"], "losses": sched["losses"],
-                "deepest": self.deepest, "transitions": sched["transitions"]}
+        return {
+            "stage": sched["stage"],
+            "rounds_in_stage": sched["rounds_in_stage"],
+            "losses": sched["losses"],
+            "deepest": self.deepest,
+            "transitions": sched["transitions"],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:

@@ -24,11 +24,11 @@ from memfl.config import Config, build_config
 
 #: runtime keys of the run config -> default
 RUNTIME_DEFAULTS: dict[str, float | int] = {
-    "min-nodes": 1,          # nodes to wait for before round 1 ...
-    "wait-nodes": 120.0,     # ... for at most this many seconds (then go on with those online)
-    "query-timeout": 60.0,   # seconds a node has to answer the node-info query
+    "min-nodes": 1,  # nodes to wait for before round 1 ...
+    "wait-nodes": 120.0,  # ... for at most this many seconds (then go on with those online)
+    "query-timeout": 60.0,  # seconds a node has to answer the node-info query
     "round-timeout": 600.0,  # seconds a round waits for train replies; later ones count as failed
-    "poll-interval": 0.2,    # seconds between the server's polls of the SuperLink for replies
+    "poll-interval": 0.2,  # seconds between the server's polls of the SuperLink for replies
 }
 
 APP_NAME = "memfl-flower"

@@ -90,13 +90,16 @@ def node_spec(node_config: Mapping[str, Any], config: Config) -> NodeSpec:
     from memfl.data import DEVICES
 
     if "partition-id" not in node_config:
-        raise ValueError("this SuperNode declares no partition-id: start it with "
-                         "--node-config 'partition-id=I num-partitions=N ...'")
+        raise ValueError(
+            "this SuperNode declares no partition-id: start it with --node-config 'partition-id=I num-partitions=N ...'"
+        )
     try:
         pid = int(node_config["partition-id"])
         parts = int(node_config.get("num-partitions", config.run.clients))
     except (TypeError, ValueError):
-        raise ValueError(f"node-config partition-id / num-partitions must be integers, got {dict(node_config)}") from None
+        raise ValueError(
+            f"node-config partition-id / num-partitions must be integers, got {dict(node_config)}"
+        ) from None
     if not 0 <= pid < parts:
         raise ValueError(f"node-config partition-id={pid} is outside 0..{parts - 1} (num-partitions={parts})")
     device = str(node_config.get("device", "unknown"))
@@ -117,8 +120,13 @@ def node_spec(node_config: Mapping[str, Any], config: Config) -> NodeSpec:
             budget, source = int(DEVICES["laptop-8gb"].usable_bytes), "profile"
     data_dir = node_config.get("data-dir")
     return NodeSpec(
-        partition_id=pid, num_partitions=parts, device=device, speed=speed, budget_bytes=budget,
-        budget_source=source, data_dir=str(data_dir) if data_dir else None,
+        partition_id=pid,
+        num_partitions=parts,
+        device=device,
+        speed=speed,
+        budget_bytes=budget,
+        budget_source=source,
+        data_dir=str(data_dir) if data_dir else None,
         torch_device=str(node_config.get("torch-device", config.run.device)),
         enforce_budget=_flag(node_config.get("enforce-budget", False)),
     )  # other keys are ignored: a node may carry settings for other apps
@@ -141,8 +149,9 @@ def _indices(config_json: str, num_partitions: int):
     return partition(data.train_y.numpy(), num_partitions, config.run.partition, seed=config.run.seed)
 
 
-def client_data(config: Config, spec: NodeSpec, run_id: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+def client_data(
+    config: Config, spec: NodeSpec, run_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
     """This node's training share ``(x, y)``, the input shape and the number of classes.
 
     With a ``run_id`` the share is kept in a file for the rest of the run: every Flower message
@@ -199,8 +208,9 @@ def _save_share(path, x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], 
                     old.rmdir()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"x": x, "y": y}, str(tmp), metadata={"input_shape": json.dumps(list(shape)),
-                                                        "num_classes": str(classes)})
+        save_file(
+            {"x": x, "y": y}, str(tmp), metadata={"input_shape": json.dumps(list(shape)), "num_classes": str(classes)}
+        )
         tmp.replace(path)
     except OSError:
         pass
@@ -275,8 +285,7 @@ def describe(context: Context) -> dict[str, Any]:
         "num_classes": classes,
         "memory_mb": spec.budget_bytes / MB,
         "machine": platform.machine(),
-        "versions": {"memfl": getattr(memfl, "__version__", "?"), "torch": torch.__version__,
-                     "flwr": flwr.__version__},
+        "versions": {"memfl": getattr(memfl, "__version__", "?"), "torch": torch.__version__, "flwr": flwr.__version__},
     }
 
 
@@ -293,8 +302,10 @@ def train(message: Message, context: Context) -> Message:
     if ins.client_id != spec.partition_id:
         raise ValueError(f"instruction for client {ins.client_id} reached the node of partition {spec.partition_id}")
     if spec.enforce_budget and ins.predicted_peak_bytes and ins.predicted_peak_bytes > spec.budget_bytes:
-        raise MemoryError(f"plan {ins.plan.label} needs {ins.predicted_peak_bytes / MB:.1f} MiB, more than this "
-                          f"node's budget of {spec.budget_bytes / MB:.1f} MiB (enforce-budget=true)")
+        raise MemoryError(
+            f"plan {ins.plan.label} needs {ins.predicted_peak_bytes / MB:.1f} MiB, more than this "
+            f"node's budget of {spec.budget_bytes / MB:.1f} MiB (enforce-budget=true)"
+        )
     key = json.dumps(config.to_json(), sort_keys=True)
     trainer = _trainer(key, shape, classes, spec.torch_device)
     rss0 = _reset_peak_rss()

@@ -204,10 +204,14 @@ class LocalFederation:
 
         env = dict(os.environ)
         root = str(Path(memfl.__file__).resolve().parents[1])
-        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                   PYTHONPATH=os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])]),
-                   PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-                   PYTHONUNBUFFERED="1")
+        env.update(
+            FLWR_HOME=str(self.home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONPATH=os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])]),
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            PYTHONUNBUFFERED="1",
+        )
         for key in ("NO_PROXY", "no_proxy"):  # loopback never goes through a proxy
             env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
         # the SuperExecs look for new ClientApp/ServerApp tasks every second by default
@@ -220,16 +224,30 @@ class LocalFederation:
         log = self.logs / f"{name}.log"
         fh = open(log, "wb")
         try:
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env(threads), cwd=self.workdir, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(threads),
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         finally:
             fh.close()
         return Proc(name, popen, log, port)
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Run one ``flwr`` CLI command against this federation."""
-        return subprocess.run([_bin("flwr"), *args], capture_output=True, text=True, env=self.env(),
-                              cwd=self.workdir, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=self.workdir,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> "LocalFederation":
@@ -240,23 +258,51 @@ class LocalFederation:
         port = free_port()
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
         n = len(self.node_configs)
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, n))
         isolation = ["--isolation", "process"] if self.warm else []
         try:
-            self.superlink = self._spawn("superlink", [
-                _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                "--disable-runtime-dependency-installation", *isolation], port=port)
+            self.superlink = self._spawn(
+                "superlink",
+                [
+                    _bin("flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                    *isolation,
+                ],
+                port=port,
+            )
             self._wait_health(self.superlink, deadline)
             if self.warm:
                 self._spawn_superexec(self.superlink, "superexec-superlink", port)
             for i, nc in enumerate(self.node_configs):
                 p = free_port()
-                self.supernodes.append(self._spawn(f"supernode-{i}", [
-                    _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                    "--host", "127.0.0.1", "--port", str(p), "--node-config", node_config_text(nc),
-                    *isolation], threads=threads, port=p))
+                self.supernodes.append(
+                    self._spawn(
+                        f"supernode-{i}",
+                        [
+                            _bin("flower-supernode"),
+                            "--insecure",
+                            "--superlink",
+                            f"127.0.0.1:{port}",
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(p),
+                            "--node-config",
+                            node_config_text(nc),
+                            *isolation,
+                        ],
+                        threads=threads,
+                        port=p,
+                    )
+                )
             for i, proc in enumerate(self.supernodes):
                 self._wait_health(proc, deadline)
                 if self.warm:
@@ -270,9 +316,20 @@ class LocalFederation:
 
     def _spawn_superexec(self, owner: Proc, name: str, port: int | None, threads: int | None = None) -> None:
         """memfl's warm SuperExec for ``owner`` (started with ``--isolation process``)."""
-        proc = self._spawn(name, [sys.executable, "-m", "memfl.runtime.flower.superexec", "--insecure",
-                                  "--runtime-api-address", f"127.0.0.1:{port}",
-                                  "--parent-pid", str(owner.popen.pid)], threads=threads)
+        proc = self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "memfl.runtime.flower.superexec",
+                "--insecure",
+                "--runtime-api-address",
+                f"127.0.0.1:{port}",
+                "--parent-pid",
+                str(owner.popen.pid),
+            ],
+            threads=threads,
+        )
         owner.companions.append(proc)
 
     def _wait_health(self, proc: Proc, deadline: float) -> None:
@@ -302,8 +359,15 @@ class LocalFederation:
         while True:
             if len(self.online_nodes()) >= n:
                 return
-            dead = [p for p in [*self.supernodes, *((self.superlink.companions if self.superlink else [])),
-                                *(c for node in self.supernodes for c in node.companions)] if not p.alive()]
+            dead = [
+                p
+                for p in [
+                    *self.supernodes,
+                    *(self.superlink.companions if self.superlink else []),
+                    *(c for node in self.supernodes for c in node.companions),
+                ]
+                if not p.alive()
+            ]
             if dead:
                 raise FlowerError(f"{dead[0].name} exited with status {dead[0].popen.returncode}:\n{dead[0].tail()}")
             if time.monotonic() > deadline:
@@ -332,8 +396,9 @@ class LocalFederation:
             self._tmp.cleanup()
 
     # -- runs -----------------------------------------------------------------------------
-    def run(self, app_dir: str | Path, *, timeout: float = 600.0,
-            on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def run(
+        self, app_dir: str | Path, *, timeout: float = 600.0, on_line: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
         """``flwr run APP local``; stream its logs; return ``flwr ls`` facts about the finished run.
 
         Raises :class:`FlowerError` when the run fails or does not finish within ``timeout``.
@@ -344,11 +409,19 @@ class LocalFederation:
         try:
             run_id = int(json.loads(res.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise FlowerError(f"flwr run failed (status {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}") from None
+            raise FlowerError(
+                f"flwr run failed (status {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            ) from None
         log_path = self.logs / f"run-{run_id}.log"
-        stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env=self.env(), cwd=self.workdir, start_new_session=True)
+        stream = subprocess.Popen(
+            [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         reader = threading.Thread(target=_pump, args=(stream, log_path, on_line), daemon=True)
         reader.start()
         try:
@@ -362,10 +435,10 @@ class LocalFederation:
                     stream.wait(min(remaining, 5.0))
                 except subprocess.TimeoutExpired:
                     if self.superlink is not None and not self.superlink.alive():
-                        raise FlowerError(f"the SuperLink died:\n{self.superlink.tail()}")
+                        raise FlowerError(f"the SuperLink died:\n{self.superlink.tail()}") from None
                     for proc in self.superlink.companions if self.superlink is not None else []:
                         if not proc.alive():  # nothing would start the ServerApp
-                            raise FlowerError(f"the SuperLink's {proc.name} died:\n{proc.tail()}")
+                            raise FlowerError(f"the SuperLink's {proc.name} died:\n{proc.tail()}") from None
                     continue
                 info = self.run_info(run_id)
                 if str(info.get("status", "")).startswith("finished"):
@@ -377,8 +450,10 @@ class LocalFederation:
         info["wall_seconds"] = time.perf_counter() - started
         info["log"] = str(log_path)
         if info.get("status") != "finished:completed":
-            raise FlowerError(f"run {run_id} ended {info.get('status')!r} ({info.get('status-details')}); "
-                              f"log: {log_path}\n{_tail(log_path)}")
+            raise FlowerError(
+                f"run {run_id} ended {info.get('status')!r} ({info.get('status-details')}); "
+                f"log: {log_path}\n{_tail(log_path)}"
+            )
         return info
 
     def run_info(self, run_id: int) -> dict[str, Any]:
@@ -421,8 +496,15 @@ def federation_node_configs(config: Config, nodes: int) -> list[dict[str, Any]]:
     model_fn = model_builder(config, data.input_shape, data.num_classes)
     full_peak = make_context(config, data.input_shape, data.num_classes, model_fn).peak_fn(Plan())
     clients = build_federation(config, data, full_peak)
-    return [{"partition-id": c.info.id, "num-partitions": nodes, "memory-mb": c.info.budget_bytes / 2**20,
-             "device": c.info.device} for c in clients[:nodes]]
+    return [
+        {
+            "partition-id": c.info.id,
+            "num-partitions": nodes,
+            "memory-mb": c.info.budget_bytes / 2**20,
+            "device": c.info.device,
+        }
+        for c in clients[:nodes]
+    ]
 
 
 def local_settings(config: Config, nodes: int, *, round_timeout: float = 600.0) -> AppSettings:
@@ -430,13 +512,26 @@ def local_settings(config: Config, nodes: int, *, round_timeout: float = 600.0) 
     cfg = config.to_json()
     cfg["run"]["clients"] = nodes
     cfg["run"]["out"] = str(Path(cfg["run"]["out"]).absolute())
-    return AppSettings(config=build_config(cfg, source="memfl flower local"), min_nodes=nodes, wait_nodes=60.0,
-                       query_timeout=60.0, round_timeout=round_timeout)
+    return AppSettings(
+        config=build_config(cfg, source="memfl flower local"),
+        min_nodes=nodes,
+        wait_nodes=60.0,
+        query_timeout=60.0,
+        round_timeout=round_timeout,
+    )
 
 
-def run_local(config: Config, nodes: int, *, timeout: float = 1800.0, round_timeout: float = 600.0,
-              workdir: str | Path | None = None, log: Callable[[str], None] = print,
-              node_configs: list[dict[str, Any]] | None = None, warm: bool = True) -> dict[str, Any]:
+def run_local(
+    config: Config,
+    nodes: int,
+    *,
+    timeout: float = 1800.0,
+    round_timeout: float = 600.0,
+    workdir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    node_configs: list[dict[str, Any]] | None = None,
+    warm: bool = True,
+) -> dict[str, Any]:
     """Run ``config`` on a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return results.json.
 
     The whole job (start, run, stop) is bounded by ``timeout`` seconds; the processes are stopped
@@ -454,16 +549,24 @@ def run_local(config: Config, nodes: int, *, timeout: float = 1800.0, round_time
         return run_on(fed, settings, timeout=max(10.0, deadline - time.monotonic()), log=log)
 
 
-def run_on(fed: LocalFederation, settings: AppSettings, *, timeout: float = 1800.0,
-           log: Callable[[str], None] = print, on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_on(
+    fed: LocalFederation,
+    settings: AppSettings,
+    *,
+    timeout: float = 1800.0,
+    log: Callable[[str], None] = print,
+    on_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the app for ``settings`` on a started federation; return its results.json (with the
     Flower run's id, status and traffic added under ``flower_run``)."""
     out = Path(settings.config.run.out)
     app_dir = write_app(fed.workdir / f"app-{time.time_ns()}", settings)
     info = fed.run(app_dir, timeout=timeout, on_line=on_line or _forward(log))
     results = json.loads((out / "results.json").read_text())
-    results["flower_run"] = {k: info.get(k) for k in ("run-id", "status", "elapsed", "network-traffic",
-                                                      "compute-time", "wall_seconds", "log")}
+    results["flower_run"] = {
+        k: info.get(k)
+        for k in ("run-id", "status", "elapsed", "network-traffic", "compute-time", "wall_seconds", "log")
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 

@@ -67,8 +67,10 @@ def _meta(content: RecordDict) -> dict[str, Any]:
     try:
         return json.loads(content[META]["json"])  # type: ignore[index]
     except KeyError:
-        raise ValueError(f"message content has no {META!r} ConfigRecord with a 'json' field; "
-                         "was it sent by a memfl ServerApp/ClientApp of the same version?") from None
+        raise ValueError(
+            f"message content has no {META!r} ConfigRecord with a 'json' field; "
+            "was it sent by a memfl ServerApp/ClientApp of the same version?"
+        ) from None
 
 
 def instruction_to_content(ins: Instruction) -> RecordDict:
@@ -94,12 +96,14 @@ def result_to_content(res: Result, extra: dict[str, Any] | None = None) -> Recor
         meta["tensor_dtypes"] = cast
     if extra:
         meta[NODE] = extra
-    metrics = MetricRecord({
-        "num-examples": int(res.num_samples),
-        "loss": float(res.loss),
-        "compute-seconds": float(res.compute_seconds),
-        "steps": int(res.steps),
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": int(res.num_samples),
+            "loss": float(res.loss),
+            "compute-seconds": float(res.compute_seconds),
+            "steps": int(res.steps),
+        }
+    )
     return RecordDict({PARAMS: tensors, META: _meta_record(meta), METRICS: metrics})
 
 

@@ -95,8 +95,9 @@ class Mailbox:
     def in_flight(self, kind: str) -> list[Any]:
         return [key for k, key, _ in self.pending.values() if k == kind]
 
-    def collect(self, handle: Callable[[str, Any, Message, float], None], done: Callable[[], bool],
-                timeout: float) -> None:
+    def collect(
+        self, handle: Callable[[str, Any, Message, float], None], done: Callable[[], bool], timeout: float
+    ) -> None:
         """Pull replies, passing each to ``handle(kind, key, reply, seconds since sent)``, until
         ``done()`` or ``timeout`` seconds."""
         deadline = time.perf_counter() + timeout
@@ -123,8 +124,8 @@ class FlowerServer:
         self.config = settings.config
         self.log = log or (lambda line: print(line, flush=True))
         self.mail = Mailbox(grid, settings.poll_interval)
-        self.nodes: dict[int, Node] = {}          # Flower node id -> Node
-        self.refused: dict[int, str] = {}         # Flower node id -> why it cannot take part
+        self.nodes: dict[int, Node] = {}  # Flower node id -> Node
+        self.refused: dict[int, str] = {}  # Flower node id -> why it cannot take part
 
     # -- who is there ---------------------------------------------------------------------
     def ask_new_nodes(self) -> None:
@@ -133,11 +134,23 @@ class FlowerServer:
         for node_id in [n for n in self.nodes if n not in online]:
             del self.nodes[node_id]  # it left the federation
         asking = set(self.mail.in_flight("query"))
-        ask = sorted(n for n in online - asking - set(self.refused)
-                     if n not in self.nodes or self.nodes[n].lost)
+        ask = sorted(n for n in online - asking - set(self.refused) if n not in self.nodes or self.nodes[n].lost)
         ttl = max(self.settings.round_timeout, self.settings.query_timeout, 10.0)
-        self.mail.send([(Message(RecordDict({META: json_record({"ask": "node-info"})}), dst_node_id=n,
-                                 message_type=MessageType.QUERY, ttl=ttl), "query", n) for n in ask])
+        self.mail.send(
+            [
+                (
+                    Message(
+                        RecordDict({META: json_record({"ask": "node-info"})}),
+                        dst_node_id=n,
+                        message_type=MessageType.QUERY,
+                        ttl=ttl,
+                    ),
+                    "query",
+                    n,
+                )
+                for n in ask
+            ]
+        )
 
     def on_query_reply(self, node_id: int, reply: Message) -> None:
         if reply.has_error():
@@ -154,8 +167,13 @@ class FlowerServer:
             return
         if holder is not None:  # a restarted node took over its partition
             del self.nodes[holder.node_id]
-        client = ClientInfo(id=cid, num_samples=int(info["num_samples"]), device=str(info["device"]),
-                            speed=float(info["speed"]), budget_bytes=int(info["budget_bytes"]))
+        client = ClientInfo(
+            id=cid,
+            num_samples=int(info["num_samples"]),
+            device=str(info["device"]),
+            speed=float(info["speed"]),
+            budget_bytes=int(info["budget_bytes"]),
+        )
         self.nodes[node_id] = Node(node_id=node_id, info=info, client=client)
 
     def _handle_query(self, kind: str, key: Any, reply: Message, _seconds: float) -> None:
@@ -170,11 +188,16 @@ class FlowerServer:
             self.ask_new_nodes()
             if not self.mail.pending:  # nobody to wait for: let more nodes come online
                 time.sleep(1.0)
-            self.mail.collect(self._handle_query, lambda: len(self.nodes) >= want,
-                              timeout=min(1.0, max(0.0, deadline - time.perf_counter())))
+            self.mail.collect(
+                self._handle_query,
+                lambda: len(self.nodes) >= want,
+                timeout=min(1.0, max(0.0, deadline - time.perf_counter())),
+            )
         if not self.nodes:
-            raise RuntimeError(f"no SuperNode described itself within {self.settings.wait_nodes:.0f} s "
-                               f"(refused: {self.refused or 'none'})")
+            raise RuntimeError(
+                f"no SuperNode described itself within {self.settings.wait_nodes:.0f} s "
+                f"(refused: {self.refused or 'none'})"
+            )
         if len(self.nodes) < want:
             self.log(f"only {len(self.nodes)} of {want} nodes after {self.settings.wait_nodes:.0f} s; going on")
 
@@ -205,12 +228,22 @@ class FlowerServer:
             input_shape, num_classes = tuple(first["input_shape"]), int(first["num_classes"])
         # the simulator's set-up, step for step (same seeds, same order): same initial model
         checkpoint = Checkpoint(out)
-        setup = set_up_server(config, input_shape, num_classes, checkpoint,
-                              example=data.example if data is not None else None)
-        self.log(f"memfl on Flower: {config.run.method}, model {config.run.model}, {len(self.nodes)} nodes, "
-                 f"{config.run.rounds} rounds; full-training peak {setup.full_peak / 2**20:.1f} MB")
-        return run_rounds(config, setup, checkpoint, FlowerExecutor(self), test=data,
-                          reporter=LogReporter(self.log), plot_label=f"{config.run.method} (Flower)")
+        setup = set_up_server(
+            config, input_shape, num_classes, checkpoint, example=data.example if data is not None else None
+        )
+        self.log(
+            f"memfl on Flower: {config.run.method}, model {config.run.model}, {len(self.nodes)} nodes, "
+            f"{config.run.rounds} rounds; full-training peak {setup.full_peak / 2**20:.1f} MB"
+        )
+        return run_rounds(
+            config,
+            setup,
+            checkpoint,
+            FlowerExecutor(self),
+            test=data,
+            reporter=LogReporter(self.log),
+            plot_label=f"{config.run.method} (Flower)",
+        )
 
 
 class FlowerExecutor:
@@ -229,8 +262,8 @@ class FlowerExecutor:
     def __init__(self, server: FlowerServer) -> None:
         self.server = server
         self.versions = {"flwr": _flwr_version()}
-        self.active: dict[int, Node] = {}      # client id -> node, this round
-        self.seen: dict[int, Candidate] = {}   # client id -> its latest entry (the results' clients)
+        self.active: dict[int, Node] = {}  # client id -> node, this round
+        self.seen: dict[int, Candidate] = {}  # client id -> its latest entry (the results' clients)
         self._timing: dict[str, float] = {}
 
     def clients(self, round: int) -> list[Candidate]:
@@ -239,9 +272,15 @@ class FlowerExecutor:
         self.active = {n.client.id: n for n in nodes}
         out = []
         for n in nodes:
-            cand = Candidate(n.client, extra={"node_id": n.node_id, "memory_mb": n.info.get("memory_mb"),
-                                              "budget_source": n.info.get("budget_source"),
-                                              "machine": n.info.get("machine")})
+            cand = Candidate(
+                n.client,
+                extra={
+                    "node_id": n.node_id,
+                    "memory_mb": n.info.get("memory_mb"),
+                    "budget_source": n.info.get("budget_source"),
+                    "machine": n.info.get("machine"),
+                },
+            )
             self.seen[n.client.id] = cand
             out.append(cand)
         return out
@@ -255,9 +294,16 @@ class FlowerExecutor:
     def run(self, round: int, instructions: list[Instruction]) -> list[Outcome]:
         server, settings = self.server, self.server.settings
         t_ser0 = time.perf_counter()
-        msgs = [Message(instruction_to_content(ins), dst_node_id=self.active[ins.client_id].node_id,
-                        message_type=MessageType.TRAIN, group_id=str(round),
-                        ttl=max(settings.round_timeout, 10.0)) for ins in instructions]
+        msgs = [
+            Message(
+                instruction_to_content(ins),
+                dst_node_id=self.active[ins.client_id].node_id,
+                message_type=MessageType.TRAIN,
+                group_id=str(round),
+                ttl=max(settings.round_timeout, 10.0),
+            )
+            for ins in instructions
+        ]
         t_ser1 = time.perf_counter()
         push_seconds = server.mail.send([(m, "train", i) for i, m in enumerate(msgs)])
         replies: dict[int, tuple[Message, float]] = {}
@@ -279,22 +325,42 @@ class FlowerExecutor:
             reply, seconds = replies.get(i, (None, None))
             if reply is None:
                 node.lost = True
-                outcomes.append(Outcome(ins.client_id, "failed", where=where, extra=extra,
-                                        error=f"no reply within {settings.round_timeout:.0f} s"))
+                outcomes.append(
+                    Outcome(
+                        ins.client_id,
+                        "failed",
+                        where=where,
+                        extra=extra,
+                        error=f"no reply within {settings.round_timeout:.0f} s",
+                    )
+                )
             elif reply.has_error():
                 if reply.error.code != CLIENT_APP_RAISED:
                     node.lost = True
-                outcomes.append(Outcome(ins.client_id, "failed", where=where, extra=extra,
-                                        error=f"Flower error {reply.error.code}: {reply.error.reason}"))
+                outcomes.append(
+                    Outcome(
+                        ins.client_id,
+                        "failed",
+                        where=where,
+                        extra=extra,
+                        error=f"Flower error {reply.error.code}: {reply.error.reason}",
+                    )
+                )
             else:
                 res, node_extra = content_to_result(reply.content)
                 metrics = reply.content[METRICS]
-                extra.update(round_trip_seconds=seconds,
-                             node={**node_extra, "serialize_seconds": metrics.get("serialize-seconds"),
-                                   "handler_seconds": metrics.get("handler-seconds")})
+                extra.update(
+                    round_trip_seconds=seconds,
+                    node={
+                        **node_extra,
+                        "serialize_seconds": metrics.get("serialize-seconds"),
+                        "handler_seconds": metrics.get("handler-seconds"),
+                    },
+                )
                 outcomes.append(Outcome(ins.client_id, "ok", result=res, where=where, extra=extra))
         self._timing = {
-            "serialize_seconds": t_ser1 - t_ser0, "push_seconds": push_seconds,
+            "serialize_seconds": t_ser1 - t_ser0,
+            "push_seconds": push_seconds,
             "wait_seconds": t_deser0 - t_ser1 - push_seconds,
             "deserialize_seconds": time.perf_counter() - t_deser0,
         }

@@ -85,8 +85,13 @@ def _make_executor_class():
         @staticmethod
         def argv(spec: ExecutionSpec) -> list[str]:
             """Exactly the command line ``SubprocessExecutor.launch`` runs for ``spec``."""
-            argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
-                    spec.runtime_api_address, "--token", spec.token]
+            argv = [
+                TASK_TYPE_TO_COMMAND[spec.task_type],
+                TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+                spec.runtime_api_address,
+                "--token",
+                spec.token,
+            ]
             if spec.insecure:
                 argv.append("--insecure")
             elif spec.root_certificates_path is not None:
@@ -173,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         print(f"memfl warm SuperExec: could not preload {', '.join(failed)}", file=sys.stderr, flush=True)
     if threading.active_count() > 1:  # pragma: no cover - a preloaded module started a thread
-        print("memfl warm SuperExec: threads running before fork: "
-              f"{[t.name for t in threading.enumerate()]}", file=sys.stderr, flush=True)
+        print(
+            f"memfl warm SuperExec: threads running before fork: {[t.name for t in threading.enumerate()]}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     import flwr.supercore.superexec.run_superexec as run_superexec_module
     from flwr.supercore.cli.flower_superexec import flower_superexec
