@@ -5,12 +5,12 @@ frozen, block t + its output module + projection head trained, block t-1's last 
 by the Training Harmonizer):
 
 - **Schedule** (:mod:`memfl.methods.scalefl.schedule`) ``elastic`` (default): a stage runs at
-  least ``r_min`` rounds and moves on when the aggregated training loss plateaus -- its least-squares slope over the last ``window`` rounds,
-  relative to its mean, improves by less than ``plateau`` per round -- or after ``r_max`` rounds
-  (default ``run.rounds // T``, so every stage gets its turn within the run; ``r_min`` is capped
-  at ``r_max``). After stage T the
-  federation keeps training stage T. ``cyclic``: stage = ((round - 1) mod T) + 1, as in the
-  authors' released code.
+  least ``r_min`` rounds and moves on when the aggregated training loss plateaus -- its
+  least-squares slope over the last ``window`` rounds, relative to its mean, improves by less than
+  ``plateau`` per round -- or after ``r_max`` rounds (default ``run.rounds // T``, so every stage
+  gets its turn within the run; ``r_min`` is capped at ``r_max``). After stage T the federation
+  keeps training stage T. ``cyclic``: stage = ((round - 1) mod T) + 1, as in the authors' released
+  code.
 - **Participation**: a client may train stage t when its predicted stage-t peak
   (``ctx.peak_fn(plan)``, what a client holding blocks 1..t needs) fits its budget; the round's
   clients are drawn uniformly from the eligible ones.
