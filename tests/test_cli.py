@@ -3,6 +3,8 @@
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,7 +89,11 @@ def test_run_and_report_end_to_end(tmp_path, capsys):
     assert (out / "accuracy.png").stat().st_size > 1000  # report drew the plot again
 
 
-@pytest.mark.skipif(shutil.which("memfl") is None, reason="the memfl entry point is not installed")
+# the entry point pip installed next to this interpreter (the venv's bin/), else one on PATH
+MEMFL_BIN = shutil.which("memfl", path=str(Path(sys.executable).parent)) or shutil.which("memfl")
+
+
+@pytest.mark.skipif(MEMFL_BIN is None, reason="the memfl entry point is not installed")
 def test_installed_entry_point():
-    r = subprocess.run(["memfl", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([MEMFL_BIN, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "memory" in r.stdout and "run" in r.stdout
