@@ -30,7 +30,7 @@ XDIST ?= -n 2 --dist loadfile
 
 ## lint: import-linter layer contracts ([tool.importlinter]), ruff lint and format check of the project ([tool.ruff])
 lint: install
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check
 

@@ -7,16 +7,11 @@ first use); see the README's "Python API" section.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import memfl.methods  # noqa: F401  -- every shipped method registers its strategy, config and engines
+from memfl.core.version import __version__
 
-try:
-    __version__ = version("memfl")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
-
-_API = ("run", "estimate", "measure", "plan")
+_API = ("run", "estimate", "measure", "plan", "InfeasibleBudget")
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):

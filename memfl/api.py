@@ -26,9 +26,10 @@ from memfl.data.user import as_dataset
 from memfl.memory import InputSpec, MemoryEstimate, MemoryMeasurement, input_spec
 from memfl.memory import estimate as _estimate
 from memfl.memory import measure as _measure
+from memfl.methods.fedhybrid.planner import InfeasibleBudget
 from memfl.models.user import accepts_width, call_builder
 
-__all__ = ["PlanResult", "estimate", "measure", "plan", "run"]
+__all__ = ["InfeasibleBudget", "PlanResult", "estimate", "measure", "plan", "run"]
 
 #: Methods that build width-scaled sub-models (their model_fn must take ``width``).
 WIDTH_METHODS = ("heterofl",)

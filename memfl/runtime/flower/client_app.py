@@ -273,7 +273,7 @@ def describe(context: Context) -> dict[str, Any]:
     """The node's answer to the server's query."""
     import flwr
 
-    import memfl
+    from memfl.core.version import __version__
 
     config = settings_of(context).config
     spec = node_spec(context.node_config, config)
@@ -285,7 +285,7 @@ def describe(context: Context) -> dict[str, Any]:
         "num_classes": classes,
         "memory_mb": spec.budget_bytes / MB,
         "machine": platform.machine(),
-        "versions": {"memfl": getattr(memfl, "__version__", "?"), "torch": torch.__version__, "flwr": flwr.__version__},
+        "versions": {"memfl": __version__, "torch": torch.__version__, "flwr": flwr.__version__},
     }
 
 

@@ -200,10 +200,10 @@ class LocalFederation:
 
     # -- environment ----------------------------------------------------------------------
     def env(self, threads: int | None = None) -> dict[str, str]:
-        import memfl
+        from memfl.core.version import SOURCE_ROOT
 
         env = dict(os.environ)
-        root = str(Path(memfl.__file__).resolve().parents[1])
+        root = str(SOURCE_ROOT)
         env.update(
             FLWR_HOME=str(self.home),
             FLWR_TELEMETRY_ENABLED="0",
