@@ -1,4 +1,4 @@
-"""The optimizer step fused into backward (memfl.core.engine.StepInBackward, plan option fused_step)."""
+"""The optimizer step fused into backward (memfl.core.optim.StepInBackward, plan option fused_step)."""
 
 import pytest
 import torch

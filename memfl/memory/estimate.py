@@ -49,7 +49,7 @@ model, its BN statistics and ``.grad`` are never touched), so any plan kind is u
   value at the end of the backward (the gradients, plus anything the step leaves behind) feeds the
   optimizer phase. No optimizer step is run and the copy is discarded.
 - a step that fuses the optimizer into backward (``TrainStep.step_in_backward``,
-  :class:`memfl.core.engine.StepInBackward`): the profiled backward drops every gradient as soon as it
+  :class:`memfl.core.optim.StepInBackward`): the profiled backward drops every gradient as soon as it
   is accumulated (a post-accumulate-grad hook), as the real step does after updating the
   parameter, so the timeline holds only the gradients in flight; ``gradients`` is then the
   largest parameter's, and the optimizer's per-parameter temporaries are charged at the

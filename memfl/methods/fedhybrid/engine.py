@@ -18,7 +18,7 @@ kept. ``plan.options``: ``mixed`` (default True: more bits for wide-range channe
 bits, the baseline), ``min_bits`` (default 1: the floor of the per-channel bits), ``fused_step``
 (default False: the optimizer step runs inside backward, each parameter updated and its gradient
 freed as soon as the gradient is complete -- ``TrainStep.step_in_backward``, see
-:class:`memfl.core.engine.StepInBackward`; exact for per-parameter optimizers).
+:class:`memfl.core.optim.StepInBackward`; exact for per-parameter optimizers).
 
 Hooks: ``TrainStep.saved_tensors`` is one ``saved_tensors_hooks`` context for the whole step whose
 pack hook dispatches on the segment being run (recomputed segments never reach it: checkpoint

@@ -24,7 +24,7 @@ same model is also available as a 0-1 integer linear program for HiGHS (``highsp
   unpack cost), divided by the device's speed (which therefore never changes the plan, only its
   time).
 - ``fused``: the optimizer step runs inside backward (plan option ``fused_step``,
-  :class:`memfl.core.engine.StepInBackward`), so a row holds one module's gradients instead of all
+  :class:`memfl.core.optim.StepInBackward`), so a row holds one module's gradients instead of all
   those produced so far; on by default for every hybrid plan when the optimizer is per-parameter
   (:func:`fusable`). It only adds a constant (``ModelProfile.fused_seconds``: one optimizer call per
   parameter) to every plan's time, so it never changes which plan is fastest.
@@ -565,7 +565,7 @@ def min_peak_choice(
 def fusable(prof: ModelProfile) -> bool:
     """Whether the profile's optimizer updates each parameter from its own gradient and state
     alone (SGD with momentum / weight decay / a FedProx term, Adam), so its step can be fused
-    into backward exactly (:class:`memfl.core.engine.StepInBackward`)."""
+    into backward exactly (:class:`memfl.core.optim.StepInBackward`)."""
     return prof.optimizer in ("sgd", "adam")
 
 
