@@ -69,6 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "default: memfl's warm SuperExec, which forks each ClientApp from a process that has "
         "imported torch already (python -m memfl.runtime.flower.superexec)",
     )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="TLS and SuperNode authentication: a throw-away CA, a server certificate for 127.0.0.1 and "
+        "one registered key pair per node (flwr supernode register), kept in WORKDIR/secrets (0700) "
+        "and deleted at the end; see docs/FLOWER.md",
+    )
     p.set_defaults(func=cmd_flower_local)
 
 
@@ -121,6 +128,7 @@ def cmd_flower_local(args: argparse.Namespace) -> int:
             workdir=args.workdir,
             log=lambda line: console.print(line, highlight=False, markup=False),
             warm=not args.cold,
+            secure=args.secure,
         )
     except FlowerError as err:
         console.print(f"[red]Flower run failed:[/red] {err}", highlight=False)

@@ -4,7 +4,9 @@
 ``flower-superlink`` and ``flower-supernode`` (each with its SuperExec, which starts the
 ``flwr-serverapp`` / ``flwr-clientapp`` processes: by default memfl's warm SuperExec beside
 ``--isolation process``, :mod:`memfl.runtime.flower.superexec`; Flower's own with ``warm=False``) —
-on free loopback ports, insecure and offline:
+on free loopback ports, offline, and either insecure (the default) or, with ``secure=True``, with
+TLS and SuperNode authentication (:mod:`memfl.runtime.flower.secure`: a throw-away CA, a server
+certificate for 127.0.0.1, one registered key pair per node, all in a ``0700`` folder):
 
 - a fresh ``FLWR_HOME`` holding a ``config.toml`` with one connection (``local``), so the ``flwr``
   CLI never writes its default config nor starts a background SuperLink of its own;
@@ -26,8 +28,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +45,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from memfl.config import Config, build_config
 from memfl.runtime.flower.appconfig import AppSettings, write_app
+from memfl.runtime.flower.secure import NodeKey, SecureMaterial, generate
 
 CONNECTION = "local"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -179,15 +185,23 @@ class LocalFederation:
                   warm SuperExec (:mod:`memfl.runtime.flower.superexec`: each ServerApp/ClientApp
                   is forked from a process that has imported torch already); ``False``: Flower's
                   own SuperExec, a fresh ``flwr-clientapp`` process per message.
+    secure:       TLS on the SuperLink (its Fleet, Control and Runtime APIs: one port) and
+                  ``--enable-supernode-auth``; every node gets a key pair, registered with
+                  ``flwr supernode register`` before it starts. The keys and certificates live in
+                  ``WORKDIR/secrets`` (``0700``, files ``0600``), never in a run's ``out``.
     """
 
     node_configs: list[dict[str, Any]]
     workdir: Path | None = None
     threads: int | None = None
     warm: bool = True
+    secure: bool = False
     log: Callable[[str], None] = lambda line: None
     superlink: Proc | None = field(default=None, init=False)
     supernodes: list[Proc] = field(default_factory=list, init=False)
+    #: secure: the CA, server certificate and node keys; node_ids: what registration returned
+    material: SecureMaterial | None = field(default=None, init=False)
+    node_ids: list[int] = field(default_factory=list, init=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +211,9 @@ class LocalFederation:
         self.workdir = Path(self.workdir).absolute()
         self.home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
+        self.secrets = self.workdir / "secrets"
+        self.port: int | None = None
+        self.threads_per_node: int | None = self.threads
 
     # -- environment ----------------------------------------------------------------------
     def env(self, threads: int | None = None) -> dict[str, str]:
@@ -255,90 +272,173 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
+        port = self.port = free_port()
         n = len(self.node_configs)
-        threads = self.threads or max(1, (os.cpu_count() or 1) // max(1, n))
-        isolation = ["--isolation", "process"] if self.warm else []
+        if self.secure:
+            self.material = generate(self.secrets, n)
+            (self.secrets / "superexec.secret").unlink(missing_ok=True)
+            fd = os.open(self.secrets / "superexec.secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+            link = f'root-certificates = "{self.material.ca_cert}"\n'
+        else:
+            link = "insecure = true\n"
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{link}'
+        )
+        self.threads_per_node = self.threads or max(1, (os.cpu_count() or 1) // max(1, n))
         try:
             self.superlink = self._spawn(
                 "superlink",
                 [
                     _bin("flower-superlink"),
-                    "--insecure",
+                    *self._superlink_security(),
                     "--host",
                     "127.0.0.1",
                     "--port",
                     str(port),
                     "--disable-runtime-dependency-installation",
-                    *isolation,
+                    *self._isolation(),
                 ],
                 port=port,
             )
-            self._wait_health(self.superlink, deadline)
+            self._wait_health(self.superlink, deadline, tls=self.secure)
             if self.warm:
-                self._spawn_superexec(self.superlink, "superexec-superlink", port)
+                self._spawn_superexec(self.superlink, "superexec-superlink", port, tls=self.secure)
+            if self.material is not None:
+                self.node_ids = [self.register(key) for key in self.material.nodes]
             for i, nc in enumerate(self.node_configs):
-                p = free_port()
-                self.supernodes.append(
-                    self._spawn(
-                        f"supernode-{i}",
-                        [
-                            _bin("flower-supernode"),
-                            "--insecure",
-                            "--superlink",
-                            f"127.0.0.1:{port}",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(p),
-                            "--node-config",
-                            node_config_text(nc),
-                            *isolation,
-                        ],
-                        threads=threads,
-                        port=p,
-                    )
-                )
+                key = self.material.nodes[i] if self.material is not None else None
+                self.supernodes.append(self.spawn_supernode(f"supernode-{i}", nc, key=key))
             for i, proc in enumerate(self.supernodes):
                 self._wait_health(proc, deadline)
                 if self.warm:
-                    self._spawn_superexec(proc, f"superexec-{i}", proc.port, threads=threads)
+                    self._spawn_superexec(proc, f"superexec-{i}", proc.port, threads=self.threads_per_node)
             self._wait_nodes_online(n, deadline)
         except BaseException:
             self.stop()
             raise
-        self.log(f"Flower SuperLink on 127.0.0.1:{port} with {n} SuperNodes (logs in {self.logs})")
+        how = "TLS + SuperNode authentication" if self.secure else "insecure"
+        self.log(f"Flower SuperLink on 127.0.0.1:{port} ({how}) with {n} SuperNodes (logs in {self.logs})")
         return self
 
-    def _spawn_superexec(self, owner: Proc, name: str, port: int | None, threads: int | None = None) -> None:
-        """memfl's warm SuperExec for ``owner`` (started with ``--isolation process``)."""
+    def _isolation(self) -> list[str]:
+        return ["--isolation", "process"] if self.warm else []
+
+    def _superexec_auth(self) -> list[str]:
+        """The SuperExec shared secret (secure + process isolation: only holders reach the Runtime APIs)."""
+        if self.secure and self.warm:
+            return ["--superexec-auth-secret-file", str(self.secrets / "superexec.secret")]
+        return []
+
+    def _superlink_security(self) -> list[str]:
+        if self.material is None:
+            return ["--insecure"]
+        m = self.material
+        return [
+            "--ssl-ca-certfile",
+            str(m.ca_cert),
+            "--ssl-certfile",
+            str(m.server_cert),
+            "--ssl-keyfile",
+            str(m.server_key),
+            "--enable-supernode-auth",
+            *self._superexec_auth(),
+        ]
+
+    def register(self, key: NodeKey) -> int:
+        """``flwr supernode register KEY.pub``: admit the node holding ``key``; return its node id."""
+        res = self.flwr("supernode", "register", str(key.public), CONNECTION, "--format", "json", timeout=60)
+        try:
+            return int(json.loads(res.stdout)["node-id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise FlowerError(
+                f"flwr supernode register {key.public} failed (status {res.returncode}):\n"
+                f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            ) from None
+
+    def spawn_supernode(
+        self,
+        name: str,
+        node_config: Mapping[str, Any],
+        *,
+        key: NodeKey | None = None,
+        tls: bool | None = None,
+        trust_ca: bool = True,
+        extra: list[str] | None = None,
+    ) -> Proc:
+        """Start one ``flower-supernode`` against this SuperLink (not waited for; not in
+        :attr:`supernodes`). ``tls`` defaults to the federation's mode; ``trust_ca=False`` leaves out
+        ``--root-certificates`` (the node then trusts only the system's CAs); ``key``: its private
+        key for SuperNode authentication (``None``: none); ``extra``: more flags."""
+        assert self.port is not None, "start the SuperLink first"
+        tls = self.secure if tls is None else tls
+        if tls:
+            assert self.material is not None or not trust_ca
+            security = ["--root-certificates", str(self.material.ca_cert)] if trust_ca and self.material else []
+        else:
+            security = ["--insecure"]
+        if key is not None:
+            security += ["--auth-supernode-private-key", str(key.private)]
+        p = free_port()
+        return self._spawn(
+            name,
+            [
+                _bin("flower-supernode"),
+                *security,
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(p),
+                "--node-config",
+                node_config_text(node_config),
+                *self._isolation(),
+                *self._superexec_auth(),
+                *(extra or []),
+            ],
+            threads=self.threads_per_node,
+            port=p,
+        )
+
+    def _spawn_superexec(
+        self, owner: Proc, name: str, port: int | None, threads: int | None = None, tls: bool = False
+    ) -> None:
+        """memfl's warm SuperExec for ``owner`` (started with ``--isolation process``). ``tls``: the
+        Runtime API is the TLS SuperLink's (a SuperNode's own Runtime API is plain HTTP on 127.0.0.1)."""
+        security = ["--root-certificates", str(self.material.ca_cert)] if tls and self.material else ["--insecure"]
         proc = self._spawn(
             name,
             [
                 sys.executable,
                 "-m",
                 "memfl.runtime.flower.superexec",
-                "--insecure",
+                *security,
                 "--runtime-api-address",
                 f"127.0.0.1:{port}",
                 "--parent-pid",
                 str(owner.popen.pid),
+                *self._superexec_auth(),
             ],
             threads=threads,
         )
         owner.companions.append(proc)
 
-    def _wait_health(self, proc: Proc, deadline: float) -> None:
-        url = f"http://127.0.0.1:{proc.port}/health"
+    def _wait_health(self, proc: Proc, deadline: float, tls: bool = False) -> None:
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{proc.port}/health"
+        opener = _NO_PROXY
+        if tls:
+            assert self.material is not None
+            context = ssl.create_default_context(cafile=str(self.material.ca_cert))
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+            )
         while True:
             if not proc.alive():
                 raise FlowerError(f"{proc.name} exited with status {proc.popen.returncode}:\n{proc.tail()}")
             try:
-                with _NO_PROXY.open(url, timeout=2) as r:
+                with opener.open(url, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -392,6 +492,8 @@ class LocalFederation:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+        if self.secure:  # throw-away: the CA and the keys are worth nothing without this SuperLink
+            shutil.rmtree(self.secrets, ignore_errors=True)
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -531,19 +633,22 @@ def run_local(
     log: Callable[[str], None] = print,
     node_configs: list[dict[str, Any]] | None = None,
     warm: bool = True,
+    secure: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` on a SuperLink and ``nodes`` SuperNodes on 127.0.0.1; return results.json.
 
     The whole job (start, run, stop) is bounded by ``timeout`` seconds; the processes are stopped
     whatever happens. ``node_configs`` overrides the simulator-derived node identities. ``warm``:
     see :class:`LocalFederation` (False: Flower's own SuperExec, a fresh process per message).
+    ``secure``: TLS and SuperNode authentication with throw-away keys (:class:`LocalFederation`).
     """
     if nodes < 1:
         raise ValueError("--nodes must be >= 1")
     deadline = time.monotonic() + timeout
     settings = local_settings(config, nodes, round_timeout=round_timeout)
     node_configs = node_configs or federation_node_configs(settings.config, nodes)
-    fed = LocalFederation(node_configs, workdir=Path(workdir) if workdir else None, log=log, warm=warm)
+    fed = LocalFederation(node_configs, workdir=Path(workdir) if workdir else None, log=log, warm=warm, secure=secure)
+    _check_keys_apart(fed, settings)
     with fed, _terminate_as_interrupt():
         fed.start(timeout=max(10.0, deadline - time.monotonic()))
         return run_on(fed, settings, timeout=max(10.0, deadline - time.monotonic()), log=log)
@@ -559,6 +664,7 @@ def run_on(
 ) -> dict[str, Any]:
     """Run the app for ``settings`` on a started federation; return its results.json (with the
     Flower run's id, status and traffic added under ``flower_run``)."""
+    _check_keys_apart(fed, settings)
     out = Path(settings.config.run.out)
     app_dir = write_app(fed.workdir / f"app-{time.time_ns()}", settings)
     info = fed.run(app_dir, timeout=timeout, on_line=on_line or _forward(log))
@@ -569,6 +675,16 @@ def run_on(
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _check_keys_apart(fed: LocalFederation, settings: AppSettings) -> None:
+    """Refuse a results folder that holds the federation's keys, or lies inside their folder."""
+    if not fed.secure:
+        return
+    out = Path(settings.config.run.out).absolute().resolve()
+    keys = fed.secrets.absolute().resolve()
+    if keys.is_relative_to(out) or out.is_relative_to(keys):
+        raise FlowerError(f"the results folder {out} and the key folder {keys} overlap: give another --workdir")
 
 
 @contextlib.contextmanager
