@@ -79,6 +79,8 @@ def run(
     progress: bool = False,
     console: Any = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    runtime: str = "sim",
+    secure: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run a federated experiment on your own model and data; return the results dict.
@@ -97,7 +99,14 @@ def run(
     out:         the output folder (``results.json``, checkpoint, plot); None: a temporary folder,
                  deleted afterwards (the dict is still returned).
     num_classes: default ``max label + 1``.
-    progress, console, on_round: as :func:`memfl.runtime.sim.run_experiment`.
+    progress, console, on_round: as :func:`memfl.runtime.sim.run_experiment` (simulator only).
+    runtime:     ``"sim"`` (the in-process simulator) or ``"flower-local"``: a Flower SuperLink and
+                 one SuperNode per client on 127.0.0.1 (:func:`memfl.runtime.flower.local.run_local`);
+                 ClientApps are other processes, so the model and the data must then be named by
+                 import path (a module-level function, or ``run.model`` / ``run.dataset`` in the
+                 config), not passed as tensors.
+    secure:      with ``runtime="flower-local"``: TLS and SuperNode authentication with throw-away
+                 keys (``memfl flower local --secure``).
     settings:    any ``[run]`` or ``[train]`` key as a keyword (``clients=100, rounds=20,
                  partition="iid", budgets="relative:0.1-1.1", seed=1, lr=0.05, max_steps=10``...;
                  the two sections share no key name) and any section as a dict (``scalefl={...}``,
@@ -171,10 +180,38 @@ def run(
         build: Callable[[Plan], nn.Module] | None = None
         if model_fn is not None:
             build = _builder(model_fn, cfg, dataset)
+        if runtime == "flower-local":
+            return _run_on_flower(cfg, model_fn, dataset, secure=secure)
+        if runtime != "sim":
+            raise ValueError(f"runtime {runtime!r}: expected 'sim' or 'flower-local'")
+        if secure:
+            raise ValueError("secure=True is for runtime='flower-local' (the simulator sends nothing over a network)")
         return run_experiment(cfg, data=dataset, model_fn=build, console=console, progress=progress, on_round=on_round)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _run_on_flower(
+    cfg: Config, model_fn: Callable[..., nn.Module] | None, dataset: Dataset | None, *, secure: bool
+) -> dict[str, Any]:
+    """``runtime="flower-local"``: every client a SuperNode on 127.0.0.1 (other processes, which
+    rebuild the model and the data from the config's import paths)."""
+    if dataset is not None:
+        raise ValueError(
+            "runtime='flower-local' runs every client in its own process, which cannot receive "
+            "tensors from this one: name the data by import path (config run.dataset = "
+            "'package.module:function' returning (train, test)) instead of passing train=/test="
+        )
+    if cfg.run.model == "custom":
+        raise ValueError(
+            f"runtime='flower-local': {getattr(model_fn, '__name__', 'model_fn')} cannot be imported "
+            "by the ClientApps (a lambda, a local function or one defined in __main__); define it "
+            "at module level in an importable module, or set run.model = 'package.module:function'"
+        )
+    from memfl.runtime.flower.local import run_local
+
+    return run_local(cfg, cfg.run.clients, secure=secure)
 
 
 def _builder(model_fn: Callable[..., nn.Module], cfg: Config, dataset: Dataset | None) -> Callable[[Plan], nn.Module]:

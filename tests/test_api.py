@@ -167,3 +167,41 @@ def test_the_example_runs_end_to_end(tmp_path):
     assert results["summary"]["best_accuracy"] > 0.4  # 4 classes: chance is 0.25
     assert "estimated" in r.stdout and "measured" in r.stdout
     assert "no FedHybrid plan for 0.8x" in r.stdout or "plan for 0.8x" in r.stdout
+
+
+def test_flower_local_needs_import_paths():
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    with pytest.raises(ValueError, match="import path"):
+        memfl.run(lambda: torch.nn.Linear(4, 2), train=(x, y), test=(x, y), runtime="flower-local", clients=2)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        memfl.run(lambda: torch.nn.Linear(4, 2), runtime="flower-local", clients=2, dataset="synthetic")
+    with pytest.raises(ValueError, match="runtime"):
+        memfl.run(lambda: torch.nn.Linear(4, 2), train=(x, y), test=(x, y), runtime="ray")
+
+
+@pytest.mark.slow
+def test_run_on_flower_with_an_import_path_model(tmp_path, monkeypatch):
+    """memfl.run(runtime="flower-local"): a SuperLink + 2 SuperNodes on 127.0.0.1, whose ClientApps
+    build the user's model and data from their import paths (tests/user_task.py)."""
+    here = str(Path(__file__).parent)
+    monkeypatch.syspath_prepend(here)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    import user_task
+
+    res = memfl.run(
+        user_task.make_mlp,
+        runtime="flower-local",
+        dataset="user_task:load",
+        clients=2,
+        per_round=2,
+        rounds=2,
+        partition="iid",
+        budgets="relative:1.5-2.0",
+        max_steps=3,
+        lr=0.1,
+        out=tmp_path / "out",
+    )
+    assert res["runtime"] == "flower" and res["config"]["run"]["model"] == "user_task:make_mlp"
+    assert [e["round"] for e in res["rounds"]] == [1, 2]
+    assert all(c["status"] == "ok" for e in res["rounds"] for c in e["clients"])
+    assert res["rounds"][-1]["accuracy"] > 1 / 3  # 3 classes
