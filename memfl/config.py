@@ -18,6 +18,15 @@ A config file has one table per section::
     batch_size = 32
     lr = 0.01
 
+    [aggregation]              # optional: robust aggregation and the update-norm bound
+    rule = "fedavg"            # fedavg | trimmed-mean | median
+    trim = 0.1
+    clip_norm = 10.0
+    max_update_norm = 100.0
+
+    [faults]                   # optional: injected faults, probability per client and round
+    crash = 0.05               # also nan, shape, inflate, oom, hang (memfl.runtime.faults)
+
 Unknown keys and wrong types are refused with a :class:`ConfigError` that names the key
 (``run.clients``) and says what it expects. Validation is pydantic's (``extra="forbid"``, strict
 types); this module only turns its errors into one readable message.
@@ -25,19 +34,56 @@ types); this module only turns its errors into one readable message.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 import memfl.methods  # noqa: F401  -- every shipped method registers its strategy and config section
+from memfl.core.aggregate import AggregationConfig
 from memfl.core.config import ConfigError, Section
 from memfl.core.registry import CONFIG_SECTIONS, STRATEGIES
 from memfl.data.devices import parse_budget_spec
 from memfl.data.partition import parse_partition
 
-__all__ = ["Config", "ConfigError", "RunConfig", "TrainConfig", "build_config", "load_config", "with_overrides"]
+__all__ = [
+    "AggregationConfig",
+    "Config",
+    "ConfigError",
+    "FaultsConfig",
+    "RunConfig",
+    "TrainConfig",
+    "build_config",
+    "load_config",
+    "parse_deadline",
+    "parse_faults",
+    "with_overrides",
+]
+
+
+def parse_deadline(value: str | float | None) -> tuple[str, float] | None:
+    """``[run] round_deadline`` -> ``("factor", 2.0)`` for ``"2x"`` (a multiple of the round's
+    expected duration, >= 1), ``("seconds", 30.0)`` for ``30``, ``30.0``, ``"30"`` or ``"30s"``
+    (virtual seconds), ``None`` for ``None`` / ``"none"`` (no deadline: a silent client costs
+    its round nothing)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expected '2x' (a multiple of the expected round time), seconds, or 'none'")
+    text = str(value).strip().lower()
+    kind = "factor" if text.endswith("x") else "seconds"
+    try:
+        number = float(text.removesuffix("x").removesuffix("s"))
+    except ValueError:
+        raise ValueError(
+            f"round_deadline {value!r}: expected '2x' (a multiple of the expected round time), "
+            f"seconds (30 or '30s'), or 'none'"
+        ) from None
+    if not math.isfinite(number) or number <= 0 or (kind == "factor" and number < 1):
+        raise ValueError(f"round_deadline {value!r}: a factor must be >= 1 ('2x'), seconds > 0")
+    return kind, number
 
 
 class RunConfig(Section):
@@ -57,6 +103,21 @@ class RunConfig(Section):
     out: str = "results/run"
     device: Literal["cpu", "cuda"] = "cpu"
     model_width: float = Field(1.0, gt=0, le=1)
+    #: a silent (``timeout``) or killed (``oom``) client costs its round this much on the virtual
+    #: clock: "2x" the round's expected duration, seconds, or None/"none" (costs nothing)
+    round_deadline: str | float | None = None
+    #: clients train in this many worker processes (memfl.runtime.pool), each with cores / workers
+    #: torch threads; "auto": one per core; 1: in this process, one after the other
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    #: each client's training runs under an OS memory cap (RLIMIT_DATA) of its round budget above
+    #: the worker's baseline; past it the client is ``oom`` (always in a worker process)
+    enforce_budgets: bool = False
+
+    @field_validator("round_deadline")
+    @classmethod
+    def _deadline(cls, v: str | float | None) -> str | float | None:
+        parse_deadline(v)
+        return v
 
     @field_validator("partition")
     @classmethod
@@ -138,11 +199,64 @@ class TrainConfig(Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
+FAULT_KINDS = ("crash", "nan", "shape", "inflate", "oom", "hang")
+
+
+class FaultsConfig(Section):
+    """``[faults]``: the probability that a client is given each fault in a round (at most one per
+    client and round, drawn from (seed, round, client); :mod:`memfl.runtime.faults`). All 0: none.
+
+    crash: the client raises (``failed``); nan: a NaN in one tensor; shape: one tensor of a wrong
+    shape; inflate: a huge ``num_samples`` (the three ``rejected`` by validation); oom: allocates
+    past its budget (``oom``); hang: never answers (``timeout``, costs the round its deadline).
+    """
+
+    crash: float = Field(0.0, ge=0, le=1)
+    nan: float = Field(0.0, ge=0, le=1)
+    shape: float = Field(0.0, ge=0, le=1)
+    inflate: float = Field(0.0, ge=0, le=1)
+    oom: float = Field(0.0, ge=0, le=1)
+    hang: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _total(self) -> "FaultsConfig":
+        if sum(self.rates().values()) > 1 + 1e-9:
+            raise ValueError("the fault probabilities add up to more than 1")
+        return self
+
+    def rates(self) -> dict[str, float]:
+        """kind -> probability, in the fixed order of :data:`FAULT_KINDS`."""
+        return {k: getattr(self, k) for k in FAULT_KINDS}
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in self.rates().values())
+
+
+def parse_faults(text: str) -> dict[str, float]:
+    """``"crash:0.05,nan:0.05"`` -> ``{"crash": 0.05, "nan": 0.05}`` (the ``--faults`` flag;
+    a kind without a rate, ``"hang"``, means 1)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, rate = part.partition(":")
+        kind = kind.strip()
+        if kind not in FAULT_KINDS:
+            raise ConfigError(f"--faults {text!r}: unknown fault {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
+        try:
+            out[kind] = float(rate) if rate else 1.0
+        except ValueError:
+            raise ConfigError(f"--faults {text!r}: {part!r} needs a probability, e.g. {kind}:0.05") from None
+    return out
+
+
 class _Config(Section):
-    """``[run]`` and ``[train]``; :data:`Config` adds one table per registered method section."""
+    """``[run]``, ``[train]``, ``[aggregation]`` and ``[faults]``; :data:`Config` adds one table per
+    registered method section."""
 
     run: RunConfig = Field(default_factory=RunConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

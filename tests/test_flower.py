@@ -256,7 +256,7 @@ def test_a_node_that_dies_mid_round_does_not_stop_the_run(federation, tmp_path):
     assert res["flower_run"]["status"] == "finished:completed"
     first, second = res["rounds"]
     status = {c["id"]: c["status"] for c in first["clients"]}
-    assert status[2] == "failed" and status[0] == status[1] == "ok"
+    assert status[2] in ("failed", "timeout") and status[0] == status[1] == "ok"
     assert first["accuracy"] is not None and second["accuracy"] is not None
     assert {c["id"] for c in second["clients"] if c["status"] == "ok"} == {0, 1}
     assert res["summary"]["failed_clients"] >= 1

@@ -24,6 +24,10 @@ BENCHMARKS: dict[str, str] = {
     "hybrid-federation": "memfl.bench.hybrid.federation",
     # ScaleFL (docs/SCALEFL.md): memory per stage + accuracy against the baselines
     "scalefl": "memfl.bench.scalefl",
+    # worker processes (memfl.runtime.pool): 1 vs 2 workers on the same FedAvg rounds
+    "executor": "memfl.bench.executor",
+    # issue 13: every injected fault at once vs no faults (validation, deadline, robust rules)
+    "faults": "memfl.bench.faults",
 }
 
 

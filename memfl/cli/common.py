@@ -27,7 +27,20 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-RUN_FLAGS: dict[str, tuple[str, type]] = {
+def workers_arg(text: str) -> int | str:
+    """``--workers N`` or ``--workers auto`` (one per core)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of worker processes or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 worker, got {n}")
+    return n
+
+
+RUN_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     # flag: (config key, type)
     "method": ("run.method", str),
     "model": ("run.model", str),
@@ -47,6 +60,11 @@ RUN_FLAGS: dict[str, tuple[str, type]] = {
     "lr": ("train.lr", float),
     "max_steps": ("train.max_steps", int),
     "model_width": ("run.model_width", float),
+    # worker processes (memfl.runtime.pool): N, or auto = one per core; 1 = in this process
+    "workers": ("run.workers", workers_arg),
+    "round_deadline": ("run.round_deadline", str),
+    # [aggregation] (docs/ARCHITECTURE.md, "Untrusted clients")
+    "aggregation": ("aggregation.rule", str),
     # method = scalefl (docs/SCALEFL.md)
     "schedule": ("scalefl.schedule", str),
     "blocks": ("scalefl.blocks", int),
@@ -59,6 +77,7 @@ RUN_FLAGS: dict[str, tuple[str, type]] = {
 RUN_SWITCHES: dict[str, tuple[str, bool]] = {
     "no_mentor": ("scalefl.mentor", False),
     "no_harmonizer": ("scalefl.harmonizer", False),
+    "enforce_budgets": ("run.enforce_budgets", True),
 }
 
 
@@ -76,6 +95,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
             default=None,
             help=f"sets {key} = {str(value).lower()}",
         )
+    p.add_argument(
+        "--faults",
+        default=None,
+        metavar="KIND:P,...",
+        help="inject faults, e.g. crash:0.05,nan:0.05,shape:0.05,inflate:0.05,oom:0.05,hang:0.05 "
+        "(sets the [faults] section; kinds not named get 0)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -84,6 +110,11 @@ def config_from_args(args: argparse.Namespace):
     config = load_config(args.config)
     overrides = {key: getattr(args, flag, None) for flag, (key, _) in RUN_FLAGS.items()}
     overrides.update({key: getattr(args, flag, None) for flag, (key, _) in RUN_SWITCHES.items()})
+    if getattr(args, "faults", None) is not None:
+        from memfl.config import FAULT_KINDS, parse_faults
+
+        rates = parse_faults(args.faults)
+        overrides.update({f"faults.{kind}": rates.get(kind, 0.0) for kind in FAULT_KINDS})
     return with_overrides(config, overrides)
 
 

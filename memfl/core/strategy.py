@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from memfl.core.aggregate import fedavg
+from memfl.core.aggregate import AggregationConfig, aggregate
 from memfl.core.engine import prepare
 from memfl.core.protocol import HyperParams, Instruction, Plan, Result
 from memfl.core.seeding import round_seed
@@ -47,6 +47,8 @@ class FederationContext:
     rounds:      the rounds the run asks for (a schedule may pace itself by it).
     settings:    the method's typed config section (``[scalefl]``, ``[fedhybrid]``, ...; a pydantic
                  model, the one source of the method's defaults), or None for a method without one.
+    aggregation: the ``[aggregation]`` section (rule, trim, clip_norm), read by
+                 :meth:`Strategy.aggregate`; None: plain FedAvg.
     """
 
     model_fn: Callable[[Plan], nn.Module]
@@ -58,6 +60,7 @@ class FederationContext:
     peak_fn: Callable[[Plan], int]
     rounds: int = 0
     settings: Any = None
+    aggregation: AggregationConfig | None = None
 
 
 class Strategy:
@@ -119,8 +122,15 @@ class Strategy:
     def aggregate_train(
         self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
     ) -> dict[str, torch.Tensor]:
-        """Merge ``results`` into the next global parameters (sample-weighted FedAvg)."""
-        return fedavg(global_params, results) if results else dict(global_params)
+        """Merge ``results`` into the next global parameters (:meth:`aggregate`)."""
+        return self.aggregate(global_params, results)
+
+    def aggregate(self, global_params: dict[str, torch.Tensor], results: list[Result]) -> dict[str, torch.Tensor]:
+        """The configured aggregation (``[aggregation]``: FedAvg by default, or the coordinate-wise
+        median / trimmed mean, after optional update clipping; :func:`memfl.core.aggregate.aggregate`)
+        of ``results``; the global parameters unchanged when there are none. A strategy that
+        merges in its own ``aggregate_train`` calls this for the merge itself."""
+        return aggregate(global_params, results, self.ctx.aggregation)
 
     # -- helpers -----------------------------------------------------------------------------
     def plan_and_select(self, round: int, clients: list[ClientInfo]) -> tuple[dict[int, Plan | None], list[ClientInfo]]:

@@ -24,11 +24,13 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from memfl.config import Config
+from memfl.config import Config, FaultsConfig
 from memfl.core.protocol import Instruction, Plan
 from memfl.core.trainer import LocalTrainer
 from memfl.data import Dataset
 from memfl.methods.fedhybrid.budget import FederationBudgets, federation_budgets
+from memfl.runtime.faults import draw_fault, fit_with_fault
+from memfl.runtime.pool import WorkerPoolExecutor, pool_shape
 from memfl.server.checkpoint import Checkpoint
 from memfl.server.executor import Candidate, Outcome
 from memfl.server.loop import run_rounds
@@ -42,7 +44,9 @@ class InProcessExecutor:
     ``budgets`` (the simulated contention, or ``None``): the strategy plans with
     ``budgets.predicted(client, round)``; a client whose predicted peak exceeds
     ``budgets.real(client, round)`` is ``oom`` and does not train. ``on_client(round, i, n)`` is
-    called before the i-th of n clients trains (progress).
+    called before the i-th of n clients trains (progress). ``faults`` (``[faults]``, or ``None``):
+    each client's injected fault is drawn from ``(seed, round, client)`` and applied around its
+    training by :func:`memfl.runtime.faults.fit_with_fault` (``oom`` and ``hang`` simulated).
     """
 
     runtime = "sim"
@@ -54,8 +58,12 @@ class InProcessExecutor:
         trainer: LocalTrainer,
         budgets: FederationBudgets | None,
         on_client: Callable[[int, int, int], None] | None = None,
+        faults: FaultsConfig | None = None,
+        seed: int = 0,
     ) -> None:
         self.federation = federation
+        self.faults = faults
+        self.seed = seed
         self.by_id = {c.info.id: c for c in federation}
         self.trainer = trainer
         self.budgets = budgets
@@ -85,11 +93,9 @@ class InProcessExecutor:
                     ins.client_id, "oom", error="predicted peak above the real budget", real_budget_bytes=real
                 )
         client = self.by_id[ins.client_id]
-        try:
-            res = self.trainer.fit(ins, client.x, client.y)
-        except Exception as err:  # a failing client must not kill the run
-            return Outcome(ins.client_id, "failed", error=f"{type(err).__name__}: {err}", real_budget_bytes=real)
-        return Outcome(ins.client_id, "ok", result=res, real_budget_bytes=real)
+        fault = draw_fault(self.faults, self.seed, round, ins.client_id) if self.faults is not None else None
+        # a failing client must not kill the run: fit_with_fault turns its exception into an outcome
+        return fit_with_fault(ins, lambda: self.trainer.fit(ins, client.x, client.y), fault, real_budget_bytes=real)
 
     def timing(self) -> dict[str, float]:
         return {}
@@ -135,5 +141,26 @@ def run_experiment(
         f"{config.train.batch_size}"
     )
     reporter = ConsoleReporter(console, progress=progress)
-    executor = InProcessExecutor(clients, trainer, budgets, on_client=reporter.client)
-    return run_rounds(config, setup, checkpoint, executor, test=data, reporter=reporter, on_round=on_round)
+    shape = pool_shape(config)  # [run] workers / enforce_budgets: clients in worker processes
+    if shape is None:
+        executor = InProcessExecutor(
+            clients, trainer, budgets, on_client=reporter.client, faults=config.faults, seed=config.run.seed
+        )
+        return run_rounds(config, setup, checkpoint, executor, test=data, reporter=reporter, on_round=on_round)
+    with WorkerPoolExecutor(
+        clients,
+        trainer,
+        budgets,
+        workers=shape[0],
+        threads=shape[1],
+        enforce=config.run.enforce_budgets,
+        on_client=reporter.client,
+        faults=config.faults,
+        seed=config.run.seed,
+        eval_model=setup.global_model,
+        test_x=data.test_x,
+        test_y=data.test_y,
+        note=reporter.note,
+        warmup_batch=config.train.batch_size,
+    ) as pool:
+        return run_rounds(config, setup, checkpoint, pool, test=data, reporter=reporter, on_round=on_round)

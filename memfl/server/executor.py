@@ -19,7 +19,11 @@ from typing import Any, Literal, Protocol
 from memfl.core.protocol import Instruction, Result
 from memfl.core.strategy import ClientInfo
 
-Status = Literal["ok", "failed", "oom"]
+#: what became of an instruction: ``ok``; ``failed`` (the client raised or answered with an error);
+#: ``oom`` (killed for exceeding its memory budget); ``timeout`` (no answer before the round's
+#: deadline); ``rejected`` (answered, but validation refused the result: set by the loop,
+#: :mod:`memfl.server.validate`, never by an executor)
+Status = Literal["ok", "failed", "oom", "timeout", "rejected"]
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,13 @@ class Outcome:
     """What became of one instruction.
 
     status:            ``"ok"`` (``result`` holds the trained tensors), ``"failed"`` (the client
-                       raised, answered with an error or not at all) or ``"oom"`` (killed for
-                       exceeding its real memory budget; the simulator's contention only).
+                       raised or answered with an error), ``"oom"`` (killed for exceeding its
+                       memory budget: the simulator's contention, an injected ``oom`` fault, a
+                       worker's enforced cap), ``"timeout"`` (no answer before the deadline) or,
+                       set by the loop's validation, ``"rejected"`` (``result`` kept for the record).
     error:             why, when not ok.
+    fault:             the kind of fault injected into this client this round
+                       (:mod:`memfl.runtime.faults`), else ``None``; recorded as ``fault``.
     real_budget_bytes: the client's real budget this round, where the runtime knows it (the
                        simulator's contention); else ``None``.
     where:             who failed, for the log (Flower: ``"node 123"``); not recorded.
@@ -69,6 +77,7 @@ class Outcome:
     real_budget_bytes: int | None = None
     where: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    fault: str | None = None
 
 
 class Executor(Protocol):

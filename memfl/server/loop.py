@@ -9,8 +9,10 @@ the accuracy plot in ``<out>/accuracy.png`` (when a test set exists).
 
 Per round: ``executor.clients`` (who is available, with the budget to plan with) ->
 ``strategy.configure_train`` (selection and plans) -> ``executor.run`` (one outcome per
-instruction) -> validate (one outcome per instruction, for the instruction's client) ->
-``strategy.aggregate_train`` over the ok results -> evaluate every ``run.eval_every`` rounds and
+instruction) -> validate (one outcome per instruction, for the instruction's client; every ok
+result checked against its instruction, :mod:`memfl.server.validate`: a failing one becomes
+``rejected``) -> the round deadline (``[run] round_deadline``, :func:`memfl.server.records.resolve_deadline`)
+-> ``strategy.aggregate_train`` over the ok results -> evaluate every ``run.eval_every`` rounds and
 the last (when a test set exists) -> records (the same fields on every runtime) and the virtual
 clock -> checkpoint (the global model, the rounds so far, the strategy's state) -> progress ->
 ``on_round(entry)``.
@@ -24,20 +26,22 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from memfl.config import Config
+from memfl.config import Config, parse_deadline
 from memfl.core.protocol import Result
 from memfl.core.trainer import evaluate
 from memfl.data import Dataset
 from memfl.server.checkpoint import Checkpoint
 from memfl.server.executor import Candidate, Executor
 from memfl.server.progress import Reporter
-from memfl.server.records import client_entry, client_record, round_entry, summarize
+from memfl.server.records import client_entry, client_record, resolve_deadline, round_entry, summarize
 from memfl.server.setup import ServerSetup
+from memfl.server.validate import Validator
 
 
 def run_rounds(
@@ -62,6 +66,9 @@ def run_rounds(
     global_model = setup.global_model.to(config.run.device)  # evaluated, loaded with params
     total = config.run.rounds
     virtual_total = rounds[-1]["virtual_seconds"] if rounds else 0.0
+    validator = Validator(setup.model_fn, config.aggregation.max_update_norm)
+    deadline = parse_deadline(config.run.round_deadline)
+    expected = rounds[-1].get("answered_virtual_seconds") if rounds else None  # a "2x" deadline's fallback
     if rounds:
         reporter.note(f"resuming {out} after round {len(rounds)}")
     with reporter:
@@ -82,30 +89,47 @@ def run_rounds(
                     f"round {rnd}: the {executor.runtime} executor returned {len(outcomes)} "
                     f"outcomes for {len(instructions)} instructions"
                 )
-            results: list[Result] = []
             records: list[dict[str, Any]] = []
-            for ins, outcome in zip(instructions, outcomes, strict=True):
+            for i, (ins, outcome) in enumerate(zip(instructions, outcomes, strict=True)):
                 if outcome.client_id != ins.client_id or ins.client_id not in by_id:
                     raise RuntimeError(
                         f"round {rnd}: an outcome for client {outcome.client_id} answers the "
                         f"instruction for client {ins.client_id}"
                     )
                 if outcome.status == "ok":
-                    results.append(outcome.result)
-                elif outcome.status == "failed":
+                    reason = validator.check(ins, by_id[ins.client_id].info, outcome.result)
+                    if reason is not None:  # never reaches the strategy
+                        outcomes[i] = outcome = replace(outcome, status="rejected", error=reason)
+                if outcome.status in ("failed", "rejected"):
                     where = f" ({outcome.where})" if outcome.where else ""
-                    reporter.warn(f"round {rnd}: client {ins.client_id}{where} failed: {outcome.error}")
+                    fault = f" (injected {outcome.fault})" if outcome.fault else ""
+                    reporter.warn(
+                        f"round {rnd}: client {ins.client_id}{where} {outcome.status}{fault}: {outcome.error}"
+                    )
                 records.append(client_record(ins, by_id[ins.client_id], outcome))
+            deadline_seconds = resolve_deadline(records, deadline, expected)  # may turn late ok records to timeout
+            results: list[Result] = [
+                o.result for o, rec in zip(outcomes, records) if o.status == "ok" and rec["status"] == "ok"
+            ]
             t_agg = time.perf_counter()
             params = strategy.aggregate_train(rnd, params, results)
             t_eval = time.perf_counter()
             accuracy = loss = None
             if test is not None and (rnd % config.run.eval_every == 0 or rnd == total):
-                global_model.load_state_dict(params)
-                accuracy, loss = evaluate(global_model, test.test_x, test.test_y, device=config.run.device)
+                # an executor with workers may split the evaluation over them (the same numbers)
+                split = getattr(executor, "evaluate", None)
+                scores = split(params, test.test_x, test.test_y) if split is not None else None
+                if scores is None:
+                    global_model.load_state_dict(params)
+                    scores = evaluate(global_model, test.test_x, test.test_y, device=config.run.device)
+                accuracy, loss = scores
             t_end = time.perf_counter()
-            entry = round_entry(rnd, records, strategy.round_report(rnd), accuracy, loss, virtual_total)
+            entry = round_entry(
+                rnd, records, strategy.round_report(rnd), accuracy, loss, virtual_total, deadline_seconds
+            )
             virtual_total = entry["virtual_seconds"]
+            if entry["statuses"].get("ok", 0) + entry["statuses"].get("rejected", 0):
+                expected = entry["answered_virtual_seconds"]
             entry["round_seconds"] = t_end - t0
             entry["timing"] = {
                 "clients_seconds": t_plan - t0,

@@ -11,6 +11,14 @@
   :func:`client_record`);
 - ``summary`` (:func:`summarize`).
 
+The round deadline (``[run] round_deadline``, :func:`resolve_deadline`): a synchronous round lasts
+as long as its slowest *answering* client (``ok`` or ``rejected``); when a client is silent
+(``timeout``) or killed (``oom``) the server learns it only when the deadline passes, so with a
+deadline the round lasts at least that long. ``"2x"``: twice the round's expected duration, taken
+as its slowest answering client's time (the previous round's when none answered); seconds: a
+fixed deadline, and an ok client slower than it is ``timeout`` too (left out of the aggregate).
+Without one (the default) a silent client costs nothing. Each round records both accountings.
+
 A client record (one per instruction of the round):
 
 =========================  ==========================================================================
@@ -24,10 +32,17 @@ A client record (one per instruction of the round):
                            simulator's contention); absent otherwise
 ``budget_violation``       predicted peak > real budget; only with ``real_budget_bytes``
 ``plan``                   the plan's label; ``predicted_peak_bytes``: the planner's peak estimate
-``status``                 ``ok`` | ``failed`` | ``oom``; ``error`` when not ok
+``status``                 ``ok`` | ``failed`` (raised, or answered with an error) | ``oom`` (killed
+                           for its memory) | ``timeout`` (no answer before the deadline, or with a
+                           deadline in seconds an answer after it) | ``rejected`` (validation refused
+                           the result, :mod:`memfl.server.validate`); ``error`` when not ok (the
+                           reason, for ``rejected``)
+``fault``                  the injected fault's kind (``crash``, ``nan``, ``shape``, ``inflate``,
+                           ``oom``, ``hang``; :mod:`memfl.runtime.faults`); only when one was injected
 ok only                    ``num_samples``, ``steps``, ``train_loss``, ``compute_seconds`` (the training
                            process's CPU seconds on CPU, wall seconds on GPU), ``virtual_seconds``
                            (:func:`memfl.server.clock.client_seconds`), ``metrics``
+rejected                   ``num_samples`` (as claimed) and ``virtual_seconds`` when its numbers allow
 runtime extras             Flower: ``node_id``, ``memory_mb``; when ok ``round_trip_seconds`` and ``node``
                            (the ClientApp's own timings)
 =========================  ==========================================================================
@@ -35,6 +50,7 @@ runtime extras             Flower: ``node_id``, ``memory_mb``; when ok ``round_t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from memfl.core.protocol import Instruction
@@ -58,6 +74,8 @@ def client_record(ins: Instruction, client: Candidate, outcome: Outcome) -> dict
             budget_violation=(ins.predicted_peak_bytes or 0) > outcome.real_budget_bytes,
         )
     rec["status"] = outcome.status
+    if outcome.fault is not None:
+        rec["fault"] = outcome.fault
     if outcome.status == "ok":
         res = outcome.result
         assert res is not None, "an ok outcome carries its result"
@@ -71,8 +89,57 @@ def client_record(ins: Instruction, client: Candidate, outcome: Outcome) -> dict
         )
     else:
         rec["error"] = outcome.error
+        if outcome.status == "rejected" and outcome.result is not None:
+            rec.update(_rejected_fields(ins, client, outcome))
     rec.update(outcome.extra)
     return rec
+
+
+def _rejected_fields(ins: Instruction, client: Candidate, outcome: Outcome) -> dict[str, Any]:
+    """What a rejected result claimed, where it is plain data: its ``num_samples`` and the
+    virtual time it took (it answered, so the round waited for it)."""
+    res, out = outcome.result, {}
+    if isinstance(res.num_samples, int):
+        out["num_samples"] = res.num_samples
+    try:
+        seconds = client_seconds(float(res.compute_seconds), client.info.speed, ins.params, res.params)
+    except (TypeError, ValueError, AttributeError):
+        return out
+    if math.isfinite(seconds) and seconds >= 0:
+        out["virtual_seconds"] = seconds
+    return out
+
+
+#: statuses of a client that answered (the round waited for it); the others are silent or killed
+#: (``timeout``, ``oom``: the server learns of them at the deadline) or raised (``failed``: at once)
+ANSWERED = ("ok", "rejected")
+SILENT = ("timeout", "oom")
+
+
+def answered_seconds(records: list[dict[str, Any]]) -> float | None:
+    """The slowest answering client's virtual seconds (None: nobody answered)."""
+    times = [r["virtual_seconds"] for r in records if r["status"] in ANSWERED and "virtual_seconds" in r]
+    return max(times) if times else None
+
+
+def resolve_deadline(
+    records: list[dict[str, Any]], deadline: tuple[str, float] | None, previous_expected: float | None
+) -> float | None:
+    """The round's deadline in virtual seconds for ``deadline`` (:func:`memfl.config.parse_deadline`:
+    ``("factor", f)`` or ``("seconds", s)``; None: no deadline). A factor multiplies the round's
+    expected duration (:func:`answered_seconds`, else ``previous_expected``, else 0). With fixed
+    seconds, ok records slower than the deadline become ``timeout`` here (modified in place): the
+    server stopped waiting for them, so the loop leaves them out of the aggregate."""
+    if deadline is None:
+        return None
+    kind, value = deadline
+    if kind == "factor":
+        expected = answered_seconds(records)
+        return value * (expected if expected is not None else previous_expected or 0.0)
+    for r in records:
+        if r["status"] == "ok" and r["virtual_seconds"] > value:
+            r.update(status="timeout", error=f"answered after the {value:g} s deadline")
+    return value
 
 
 def client_entry(client: Candidate) -> dict[str, Any]:
@@ -95,14 +162,22 @@ def round_entry(
     accuracy: float | None,
     loss: float | None,
     virtual_before: float,
+    deadline_seconds: float | None = None,
 ) -> dict[str, Any]:
     """A round's entry: ``round``, ``accuracy``/``loss`` (``None`` when not evaluated), ``clients``
-    (the records), ``strategy`` (its round report), ``round_virtual_seconds`` (the slowest ok
-    client's virtual time: a synchronous round), ``virtual_seconds`` (cumulative) and ``failed``
-    (records not ok). The loop adds ``round_seconds`` (wall) and ``timing`` (its parts, plus the
-    runtime's)."""
+    (the records), ``strategy`` (its round report), ``round_virtual_seconds`` (a synchronous
+    round: the slowest answering client's virtual time, or the deadline when a client was silent
+    or killed and a deadline is set), ``answered_virtual_seconds`` (the slowest answering client's:
+    silent clients cost nothing), ``deadline_seconds`` (None: no deadline), ``virtual_seconds``
+    (cumulative), ``failed`` (records not ok) and ``statuses`` (count per status). The loop adds
+    ``round_seconds`` (wall) and ``timing`` (its parts, plus the runtime's)."""
     ok = [r for r in records if r["status"] == "ok"]
-    round_virtual = max((r["virtual_seconds"] for r in ok), default=0.0)
+    answered = answered_seconds(records) or 0.0
+    silent = any(r["status"] in SILENT for r in records)
+    round_virtual = max(answered, deadline_seconds) if deadline_seconds is not None and silent else answered
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return {
         "round": rnd,
         "accuracy": accuracy,
@@ -110,14 +185,26 @@ def round_entry(
         "clients": records,
         "strategy": strategy_report,
         "round_virtual_seconds": round_virtual,
+        "answered_virtual_seconds": answered,
+        "deadline_seconds": deadline_seconds,
         "virtual_seconds": virtual_before + round_virtual,
         "failed": len(records) - len(ok),
+        "statuses": statuses,
     }
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Final and best accuracy, total virtual time and failures over ``rounds``."""
+    """Final and best accuracy, total virtual time (with the deadline, and ``virtual_seconds_no_deadline``
+    where silent clients cost nothing), failures, clients per status and injected faults per kind
+    over ``rounds``."""
     evaluated = [r for r in rounds if r["accuracy"] is not None]
+    statuses: dict[str, int] = {}
+    faults: dict[str, int] = {}
+    for r in rounds:
+        for c in r["clients"]:
+            statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+            if "fault" in c:
+                faults[c["fault"]] = faults.get(c["fault"], 0) + 1
     return {
         "rounds": len(rounds),
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
@@ -127,4 +214,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "failed_clients": sum(r["failed"] for r in rounds),
         "budget_violations": sum(1 for r in rounds for c in r["clients"] if c.get("budget_violation")),
         "participants": sum(len(r["clients"]) for r in rounds),
+        "virtual_seconds_no_deadline": sum(
+            r.get("answered_virtual_seconds", r["round_virtual_seconds"]) for r in rounds
+        ),
+        "statuses": statuses,
+        "faults": faults,
     }

@@ -159,6 +159,7 @@ def make_context(
         peak_fn=lambda plan: peak(json.dumps(plan.to_json(), sort_keys=True)),
         rounds=config.run.rounds,
         settings=config.section(METHOD_SECTIONS[config.run.method]),
+        aggregation=config.aggregation,
     )
 
 

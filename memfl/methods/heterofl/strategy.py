@@ -9,7 +9,8 @@ model with the same state-dict keys whose every tensor is a leading slice of the
 - the client trains its sub-model with the ordinary engine (``"width"`` plans,
   :func:`prepare_width`; the trainer's ``model_fn(plan)`` builds the narrower model);
 - aggregation is nested (:func:`nested_fedavg`): every element of a global tensor is the
-  sample-weighted mean over the clients whose slice holds it, and keeps its value when none does.
+  sample-weighted mean over the clients whose slice holds it, and keeps its value when none does;
+  ``[aggregation] rule = "median" | "trimmed-mean"`` combines each element over the same clients.
 
 Simplifications against the paper, stated: BatchNorm keeps running statistics (aggregated nested
 like the weights) instead of HeteroFL's static BN, and there is no per-width output scaler or
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfl.core.aggregate import aggregate
 from memfl.core.engine import TrainStep, prepare_full
 from memfl.core.protocol import Instruction, Plan, Result
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
@@ -123,7 +125,9 @@ class HeteroFL(Strategy):
     def aggregate_train(
         self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
     ) -> dict[str, torch.Tensor]:
-        return nested_fedavg(global_params, results) if results else dict(global_params)
+        # [aggregation]: nested FedAvg by default; the robust rules combine each element over the
+        # clients whose slice holds it (memfl.core.aggregate.robust_combine), clipping per slice
+        return aggregate(global_params, results, self.ctx.aggregation, mean=nested_fedavg)
 
     def round_report(self, round: int) -> dict[str, Any]:
         return {"widths": list(self.widths)}

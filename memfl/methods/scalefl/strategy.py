@@ -33,7 +33,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from memfl.core.aggregate import fedavg
 from memfl.core.engine import prepare
 from memfl.core.protocol import Instruction, Plan, Result
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
@@ -181,7 +180,7 @@ class ScaleFL(Strategy):
         self, round: int, global_params: dict[str, torch.Tensor], results: list[Result]
     ) -> dict[str, torch.Tensor]:
         stage = self.stage_for(round)
-        new = fedavg(global_params, results) if results else dict(global_params)
+        new = self.aggregate(global_params, results)  # [aggregation]: FedAvg unless configured
         rep = self._report.setdefault(round, {"stage": stage, "schedule": self.schedule})
         if results:
             self.deepest = max(self.deepest, stage)

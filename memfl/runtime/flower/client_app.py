@@ -15,6 +15,10 @@ A SuperNode says who it is with ``--node-config`` (values are TOML-typed)::
 ``enforce-budget``        ``true``: refuse a plan whose predicted peak exceeds ``memory-mb``
 ========================  =================================================================
 
+With ``[run] enforce_budgets = true`` the training runs under an OS cap (``RLIMIT_DATA``, as in the
+worker pool, :func:`memfl.runtime.pool.budget_cap`) of ``memory-mb`` above the ClientApp's data
+size before training; an allocation past it ends the round for this node with a ``MemoryError``.
+
 A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
 the memory the OS reports available now (``MemAvailable``). The node cuts its share with
 :func:`memfl.data.partition` from the run's seed, so it trains on exactly the samples the
@@ -308,9 +312,27 @@ def train(message: Message, context: Context) -> Message:
         )
     key = json.dumps(config.to_json(), sort_keys=True)
     trainer = _trainer(key, shape, classes, spec.torch_device)
-    rss0 = _reset_peak_rss()
-    res = trainer.fit(ins, x, y)
-    peak = _status_bytes("VmHWM") if rss0 is not None else None
+    cap = None
+    if config.run.enforce_budgets:  # the OS cap: memory-mb above this process's baseline (memfl.runtime.pool)
+        from memfl.runtime.pool import budget_cap, warm_up
+
+        warm_up(trainer, x, y, ins.hparams.batch_size)  # lazy imports and kernels, outside the cap
+        with budget_cap(spec.budget_bytes) as cap:
+            try:
+                res = trainer.fit(ins, x, y)
+            except (MemoryError, RuntimeError) as err:
+                cap.failed(err)
+                raise MemoryError(
+                    f"out of memory under the enforced cap ({spec.budget_bytes / MB:.1f} MiB above a "
+                    f"{cap.baseline_bytes / MB:.1f} MiB baseline; about {(cap.oom_at_bytes or 0) / MB:.1f} MiB "
+                    f"needed): {err}"
+                ) from None
+        rss0, peak = cap.rss_before, (cap.rss_before or 0) + (cap.measured_peak_bytes or 0)
+        res.measured_peak_bytes = cap.measured_peak_bytes
+    else:
+        rss0 = _reset_peak_rss()
+        res = trainer.fit(ins, x, y)
+        peak = _status_bytes("VmHWM") if rss0 is not None else None
     t_fit = time.perf_counter()
     extra = {
         "partition_id": spec.partition_id,
@@ -324,6 +346,7 @@ def train(message: Message, context: Context) -> Message:
         "data_seconds": t_data - t_enter,
         "deserialize_seconds": t_deser - t_data,
         "fit_seconds": t_fit - t_deser,
+        **(cap.record() if cap is not None else {}),
     }
     content = result_to_content(res, extra)
     content[METRICS]["serialize-seconds"] = time.perf_counter() - t_fit  # type: ignore[index]

@@ -328,7 +328,7 @@ class FlowerExecutor:
                 outcomes.append(
                     Outcome(
                         ins.client_id,
-                        "failed",
+                        "timeout",
                         where=where,
                         extra=extra,
                         error=f"no reply within {settings.round_timeout:.0f} s",
@@ -347,8 +347,16 @@ class FlowerExecutor:
                     )
                 )
             else:
-                res, node_extra = content_to_result(reply.content)
-                metrics = reply.content[METRICS]
+                try:  # a malformed reply (another machine's) must not stop the round
+                    res, node_extra = content_to_result(reply.content)
+                    metrics = reply.content[METRICS]
+                except Exception as err:
+                    outcomes.append(
+                        Outcome(
+                            ins.client_id, "failed", where=where, extra=extra, error=f"malformed reply: {err!r}"[:500]
+                        )
+                    )
+                    continue
                 extra.update(
                     round_trip_seconds=seconds,
                     node={

@@ -1,0 +1,265 @@
+"""Benchmark ``executor``: round time with 1 and 2 (or more) worker processes on the same clients.
+
+The job: FedAvg, ``cnn`` width 0.5, Fashion-MNIST, 100 clients Dir(0.5), 10 per round,
+test-set evaluation every round. Each executor runs the same rounds (the same seed: the same
+clients, batches and plans) in a fresh subprocess, one after the other in this one invocation:
+
+- ``1 worker``: today's in-process executor, with all the cores' torch threads;
+- ``N workers`` (``--workers N``): N forked workers with cores / N threads each, the evaluation
+  split over them.
+
+Per executor: the median round time (wall, evaluation included), its training part
+(``run_seconds``) and evaluation part, the whole job, and the peak memory of all its processes
+together (sampled every 0.1 s: the sum of RSS, which counts the shared dataset once per process,
+and the sum of PSS, which splits shared pages between them). Also: the largest parameter
+difference between the executors' final models (the tolerance: thread counts differ) and what an
+enforced budget costs per training step (``RLIMIT_DATA`` alone, as :mod:`memfl.runtime.pool` sets
+it, and with glibc's mmap threshold fixed, an allocator setting it does not use). The machine's
+load average is recorded before and after: other jobs on the machine slow the parallel executor
+more than the sequential one.
+
+Flower's simulation engine (``flwr[simulation]``, Ray) is not installed in this environment
+(``pip install --dry-run "flwr[simulation]==1.41.0"`` would add ray 2.55.1 and six small
+packages and keep torch), so the comparison with it is not part of this benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+_RUN = r"""
+import json, sys, torch
+from memfl.config import build_config
+from memfl.runtime.sim import run_experiment
+cfg = build_config(json.loads(sys.argv[1]))
+torch.set_num_threads(int(sys.argv[2]))
+res = run_experiment(cfg, progress=False)
+keys = ("round", "accuracy", "loss", "round_seconds", "timing")
+json.dump({"rounds": [{k: r[k] for k in keys} for r in res["rounds"]]}, open(sys.argv[3], "w"))
+"""
+
+_STEP = r"""
+import ctypes, json, resource, sys, time, torch
+from torch.nn import functional as F
+from memfl.models import build_model
+torch.set_num_threads(1)
+enforce = sys.argv[1] != "0"
+if sys.argv[1] == "2":
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+model = build_model("cnn", in_channels=1, num_classes=10, image_size=28, width=0.5)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+def step():
+    opt.zero_grad(set_to_none=True); F.cross_entropy(model(x), y).backward(); opt.step()
+for _ in range(10): step()
+if enforce:
+    data = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData")][0]
+    resource.setrlimit(resource.RLIMIT_DATA, (data + 512 * 2**20, resource.RLIM_INFINITY))
+times = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def _run_one(config: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+    """One executor in a fresh subprocess; its rounds, wall time and peak memory of its processes."""
+    out = work / "rounds.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, json.dumps(config), str(threads), str(out)], env=env, stderr=subprocess.PIPE
+    )
+    peak = {"rss": 0, "pss": 0, "processes": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            pids = _tree(proc.pid)
+            vals = [_rollup(p) for p in pids]
+            peak["rss"] = max(peak["rss"], sum(v[0] for v in vals))
+            peak["pss"] = max(peak["pss"], sum(v[1] for v in vals))
+            peak["processes"] = max(peak["processes"], len(pids))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the benchmark run failed:\n{err.decode()[-2000:]}")
+    rounds = json.loads(out.read_text())["rounds"]
+    return {
+        "job_seconds": time.perf_counter() - t0,
+        "rounds": rounds,
+        "peak_rss_sum_bytes": peak["rss"],
+        "peak_pss_sum_bytes": peak["pss"],
+        "processes": peak["processes"],
+    }
+
+
+def _step_cost(steps: int) -> dict[str, Any]:
+    res = {}
+    variants = (
+        ("no cap", "0"),
+        ("RLIMIT_DATA cap (what enforce_budgets does)", "1"),
+        ("cap + mmap threshold fixed at 128 KiB (not used)", "2"),
+    )
+    for name, flag in variants:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        text = subprocess.run(
+            [sys.executable, "-c", _STEP, flag, str(steps)], env=env, capture_output=True, check=True, text=True
+        ).stdout
+        res[name] = statistics.median(json.loads(text.strip().splitlines()[-1]))
+    return res
+
+
+def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    cores = len(os.sched_getaffinity(0))
+    rounds = 2 if quick else 3
+    base = {
+        "run": {
+            "method": "fedavg",
+            "model": "cnn",
+            "model_width": 0.5,
+            "dataset": "fashion-mnist",
+            "data_dir": FMNIST,
+            "clients": 100,
+            "per_round": 10,
+            "rounds": rounds,
+            "partition": "dirichlet:0.5",
+            "seed": 0,
+            "eval_every": 1,
+        },
+    }
+    load_before = os.getloadavg()
+    variants = [("1 worker (in process)", 1, cores), (f"{workers} workers", workers, max(1, cores // workers))]
+    results: dict[str, Any] = {}
+    finals = {}
+    with tempfile.TemporaryDirectory(prefix="memfl-bench-executor-") as tmp:
+        for name, w, threads in variants:
+            work = Path(tmp) / f"w{w}"
+            work.mkdir()
+            cfg = json.loads(json.dumps(base))
+            cfg["run"].update(workers=w, out=str(work / "run"))
+            r = _run_one(cfg, cores, work)
+            r.update(workers=w, threads_per_worker=threads)
+            results[name] = r
+            finals[name] = load_file(str(work / "run" / "checkpoint.safetensors"))
+    load_after = os.getloadavg()
+    (a, pa), (b, pb) = finals.items()
+    max_diff = max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa if pa[k].is_floating_point())
+    max_ref = max(float(pa[k].double().abs().max()) for k in pa if pa[k].is_floating_point())
+    step = _step_cost(100 if quick else 300)
+
+    def median(r: dict[str, Any], key: str | None) -> float:
+        vals = [x["round_seconds"] if key is None else x["timing"][key] for x in r["rounds"]]
+        return statistics.median(vals)
+
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            {
+                "executor": name,
+                "workers": r["workers"],
+                "threads_per_worker": r["threads_per_worker"],
+                "round_seconds": median(r, None),
+                "train_seconds": median(r, "run_seconds"),
+                "evaluate_seconds": median(r, "evaluate_seconds"),
+                "job_seconds": r["job_seconds"],
+                "peak_rss_sum_mb": r["peak_rss_sum_bytes"] / 2**20,
+                "peak_pss_sum_mb": r["peak_pss_sum_bytes"] / 2**20,
+                "accuracy": [x["accuracy"] for x in r["rounds"]],
+            }
+        )
+    ratio = rows[1]["round_seconds"] / rows[0]["round_seconds"]
+    summary = {
+        "cores": cores,
+        "rounds": rounds,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "rows": rows,
+        "ratio_round": ratio,
+        "ratio_train": rows[1]["train_seconds"] / rows[0]["train_seconds"],
+        "goal": "<= 0.6x the round time with 2 workers",
+        "max_abs_param_diff": max_diff,
+        "max_abs_param": max_ref,
+        "step_seconds": step,
+        "flower_simulation": "not installed (pip --dry-run: would add ray 2.55.1 + 6 packages, torch unchanged)",
+        "raw": results,
+    }
+    (out / "executor.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        "## memfl bench executor",
+        "",
+        f"`memfl bench executor{' --quick' if quick else ''}`: FedAvg, cnn width 0.5, Fashion-MNIST, 100 clients "
+        f"Dir(0.5), 10 per round, {rounds} rounds, evaluation every round; {cores} cores; load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min).",
+        "",
+        "| executor | threads / worker | round s (median) | training s | evaluation s | job s | "
+        "peak RSS sum MB | peak PSS sum MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['executor']} | {r['threads_per_worker']} | {r['round_seconds']:.2f} | {r['train_seconds']:.2f} | "
+            f"{r['evaluate_seconds']:.2f} | {r['job_seconds']:.1f} | {r['peak_rss_sum_mb']:.0f} | "
+            f"{r['peak_pss_sum_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Round time {workers} workers / 1: **{ratio:.2f}x** (goal <= 0.6x); training part "
+        f"{summary['ratio_train']:.2f}x. Final parameters differ by at most {max_diff:.2e} "
+        f"(largest parameter {max_ref:.2f}): the thread counts differ, so conv gradients are summed in "
+        f"another order; with equal thread counts the runs are identical (tests/test_pool.py).",
+        "",
+        "Per training step (cnn 0.5, batch 32, 1 thread, median): "
+        + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in step.items())
+        + ".",
+        "",
+        'Flower\'s simulation engine: not installed here (`pip install --dry-run "flwr[simulation]==1.41.0"` '
+        "would add ray 2.55.1 and six packages, torch unchanged); not compared.",
+    ]
+    (out / "executor.md").write_text("\n".join(lines) + "\n")
+    return {k: v for k, v in summary.items() if k != "raw"}
