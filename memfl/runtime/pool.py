@@ -90,6 +90,7 @@ from memfl.runtime.faults import (
     simulated_hang,
     simulated_oom,
 )
+from memfl.runtime.procfs import reset_peak_rss, status_bytes
 from memfl.server.executor import Candidate, Outcome
 from memfl.server.setup import SimClient
 
@@ -116,15 +117,6 @@ def pool_shape(config: Config, cores: int | None = None) -> tuple[int, int] | No
 
 
 # ------------------------------------------------------------------------------ /proc and limits
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _libc() -> Any:
@@ -170,15 +162,6 @@ def _free_heap() -> int:
     return int(fn().fordblks)
 
 
-def _reset_peak_rss() -> int | None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
-
-
 _TRIED = re.compile(r"tried to allocate (\d+) bytes")
 #: failures that are an allocation refused under a cap, besides :func:`memfl.runtime.faults.is_oom_error`'s
 _ALLOC_FAILED = re.compile(r"could not create a primitive|can't allocate memory|out of memory", re.I)
@@ -205,7 +188,7 @@ class Cap:
 
     def failed(self, err: BaseException) -> None:
         """Note an allocation failure: the data in use now plus the request that failed."""
-        now = _status_bytes("VmData") or 0
+        now = status_bytes("VmData") or 0
         m = _TRIED.search(str(err))
         self.oom_at_bytes = max(0, now - self.baseline_bytes) + (int(m.group(1)) if m else 0)
 
@@ -222,9 +205,9 @@ class budget_cap:
         _trim()
         c = self.cap
         # the free heap counts in the data size but is reusable: the budget starts above what is in use
-        c.baseline_bytes = (_status_bytes("VmData") or 0) - _free_heap()
+        c.baseline_bytes = (status_bytes("VmData") or 0) - _free_heap()
         c.cap_bytes = c.baseline_bytes + c.budget_bytes
-        c.rss_before = _reset_peak_rss()
+        c.rss_before = reset_peak_rss()
         self._old = resource.getrlimit(resource.RLIMIT_DATA)
         hard = self._old[1]
         limit = c.cap_bytes if hard == resource.RLIM_INFINITY else min(c.cap_bytes, hard)
@@ -235,7 +218,7 @@ class budget_cap:
         assert self._old is not None
         resource.setrlimit(resource.RLIMIT_DATA, self._old)
         c = self.cap
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         if c.rss_before is not None and peak is not None:
             c.measured_peak_bytes = max(0, peak - c.rss_before)
 
@@ -357,7 +340,7 @@ def _eval_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: int, h
 def _worker_main(conn: Connection, pool: "WorkerPoolExecutor", threads: int) -> None:
     torch.set_num_threads(threads)
     _trim()
-    conn.send_bytes(_pack({"idle_rss_bytes": _status_bytes("VmRSS"), "idle_data_bytes": _status_bytes("VmData")}))
+    conn.send_bytes(_pack({"idle_rss_bytes": status_bytes("VmRSS"), "idle_data_bytes": status_bytes("VmData")}))
     while True:
         try:
             head, tensors = _unpack(conn.recv_bytes())
@@ -400,9 +383,9 @@ def _self_kill(pool: "WorkerPoolExecutor", signal: int = 9) -> None:
 
 def _memory(pool: "WorkerPoolExecutor") -> dict[str, Any]:
     return {
-        "rss_bytes": _status_bytes("VmRSS"),
-        "hwm_bytes": _status_bytes("VmHWM"),
-        "data_bytes": _status_bytes("VmData"),
+        "rss_bytes": status_bytes("VmRSS"),
+        "hwm_bytes": status_bytes("VmHWM"),
+        "data_bytes": status_bytes("VmData"),
     }
 
 

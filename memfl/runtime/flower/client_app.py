@@ -55,6 +55,7 @@ from memfl.runtime.flower.serde import (
     info_to_content,
     result_to_content,
 )
+from memfl.runtime.procfs import reset_peak_rss, status_bytes
 
 MB = 1 << 20
 
@@ -247,27 +248,6 @@ def process_age() -> float | None:
         return None
 
 
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> int | None:
-    """Reset the RSS high-water mark (Linux clear_refs); return the current RSS, or None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
-
-
 # -------------------------------------------------------------------------------- handlers
 def settings_of(context: Context) -> AppSettings:
     return AppSettings.from_run_config(context.run_config)
@@ -330,9 +310,9 @@ def train(message: Message, context: Context) -> Message:
         rss0, peak = cap.rss_before, (cap.rss_before or 0) + (cap.measured_peak_bytes or 0)
         res.measured_peak_bytes = cap.measured_peak_bytes
     else:
-        rss0 = _reset_peak_rss()
+        rss0 = reset_peak_rss()
         res = trainer.fit(ins, x, y)
-        peak = _status_bytes("VmHWM") if rss0 is not None else None
+        peak = status_bytes("VmHWM") if rss0 is not None else None
     t_fit = time.perf_counter()
     extra = {
         "partition_id": spec.partition_id,
