@@ -98,6 +98,9 @@ class RunConfig(Section):
     rounds: int = Field(5, ge=1)
     eval_every: int = Field(1, ge=1)
     partition: str = "dirichlet:0.5"
+    #: the federation holds clients x N training images drawn (seeded) from the training set, then
+    #: partitioned as configured; None: the whole training set (memfl.server.setup.build_federation)
+    samples_per_client: int | None = Field(None, ge=1)
     budgets: str = "profiles"
     seed: int = 0
     out: str = "results/run"

@@ -611,3 +611,61 @@ def test_user_dataset_any_shape_and_checks():
             2,
             "test",
         )
+
+
+# ---------------------------------------------------- fixed-size Dirichlet, samples_per_client (SPEC 8)
+
+
+def test_dirichlet_fixed_gives_every_client_exactly_n_with_label_skew():
+    """200 clients x 100 of a 20,000 pool at alpha 0.1 (what dirichlet:0.1 cannot do with >= 10 each)."""
+    y = _labels(n=20_000)
+    parts = partition(y, 200, "dirichlet-fixed:0.1", seed=0)
+    assert [len(p) for p in parts] == [100] * 200
+    allidx = np.concatenate(parts)
+    assert np.array_equal(np.sort(allidx), np.arange(len(y)))  # every sample exactly once
+    h_iid = _mean_entropy(y, partition(y, 200, "iid", seed=0))
+    assert _mean_entropy(y, parts) < 0.4 * h_iid  # strong label skew
+    with pytest.raises(ValueError, match="min_size"):
+        partition(y, 200, "dirichlet:0.1", seed=0, min_size=10)  # the variable-size split gives up
+    # uneven totals: the first N mod clients of the seeded order get one more; deterministic
+    odd = partition(_labels(n=1003), 10, "dirichlet-fixed:0.5", seed=3)
+    assert sorted(len(p) for p in odd) == [100] * 7 + [101] * 3
+    again = partition(_labels(n=1003), 10, "dirichlet-fixed:0.5", seed=3)
+    assert all(np.array_equal(p, q) for p, q in zip(odd, again))
+    assert parse_partition("dirichlet-fixed:0.1") == ("dirichlet-fixed", 0.1)
+    # a large alpha is ~IID
+    assert _mean_entropy(y, partition(y, 200, "dirichlet-fixed:1000", seed=0)) > 0.9 * h_iid
+
+
+def test_samples_per_client_draws_the_pool_then_partitions(small_config):
+    from memfl.data import make_synthetic
+    from memfl.server.setup import build_federation
+
+    data = make_synthetic(num_train=2000, num_test=100, seed=0)
+    cfg = small_config(clients=10, samples_per_client=30, partition="dirichlet-fixed:0.1")
+    fed = build_federation(cfg, data, full_peak=1000)
+    assert [c.info.num_samples for c in fed] == [30] * 10
+    xs = torch.cat([c.x for c in fed])
+    assert len({tuple(r.flatten()[:8].tolist()) for r in xs}) == 300  # 300 distinct images of the 2000
+    again = build_federation(cfg, data, full_peak=1000)
+    assert all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) for a, b in zip(fed, again))
+    other = build_federation(small_config(clients=10, samples_per_client=30, seed=2), data, full_peak=1000)
+    assert not torch.equal(torch.cat([c.y for c in other]), torch.cat([c.y for c in fed]))
+    # Dirichlet sizes vary around N; None (default) keeps the whole training set, as before
+    dirichlet = build_federation(small_config(clients=10, samples_per_client=30), data, full_peak=1000)
+    assert sum(c.info.num_samples for c in dirichlet) == 300
+    whole = build_federation(small_config(clients=10), data, full_peak=1000)
+    assert sum(c.info.num_samples for c in whole) == 2000
+    assert small_config().run.samples_per_client is None
+    with pytest.raises(ValueError, match="training set has 2000"):
+        build_federation(small_config(clients=10, samples_per_client=300), data, full_peak=1000)
+    # the flag
+    import argparse
+
+    from memfl.cli.common import add_run_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_run_flags(parser)
+    args = parser.parse_args(["--samples-per-client", "100", "--partition", "dirichlet-fixed:0.1"])
+    run = config_from_args(args).run
+    assert run.samples_per_client == 100 and run.partition == "dirichlet-fixed:0.1"

@@ -5,10 +5,18 @@ import math
 import pytest
 import torch
 
-from memfl.methods.scalefl.mentor import coefficients, gaussian_kernel, hsic, mentor_loss, nhsic, one_hot
+from memfl.methods.scalefl.mentor import (
+    coefficients,
+    gaussian_kernel,
+    hsic,
+    mentor_loss,
+    nhsic,
+    one_hot,
+    stage_coefficients,
+)
 
 
-def reference_nhsic(a, b, sigma=5.0, normalize=True):
+def reference_nhsic(a, b, sigma=5.0, normalize=False):
     """Plain O(m^2) nHSIC with explicit loops, an explicit H matrix and traces (float64)."""
     a = a.double().reshape(a.shape[0], -1)
     b = b.double().reshape(b.shape[0], -1)
@@ -46,6 +54,20 @@ def test_nhsic_matches_a_plain_reference(normalize):
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [5.0, 1.0])
+def test_default_nhsic_is_the_formula_on_raw_features_within_1e5(sigma):
+    """The default (``nhsic_scale = "raw"``) is exactly the formula: no rescaling, features of very
+    different scales (an image-like input, a wide feature, one-hot labels)."""
+    torch.manual_seed(10)
+    x = torch.rand(16, 1, 6, 6)  # pixels in [0, 1]
+    z = 3.0 * torch.relu(x.reshape(16, -1) @ torch.randn(36, 20)) + 0.5 * torch.randn(16, 20)
+    y = one_hot(torch.randint(0, 4, (16,)), 4)
+    for a, b in ((x, z), (y, z), (z, z * 0.1 + torch.randn(16, 20))):
+        assert abs(float(nhsic(a, b, sigma=sigma)) - reference_nhsic(a, b, sigma=sigma)) < 1e-5
+    # the rms option is a different number on such inputs (it rescales before the kernel)
+    assert abs(float(nhsic(x, z, normalize=True)) - float(nhsic(x, z))) > 1e-3
+
+
 def test_hsic_and_kernel_match_their_definitions():
     torch.manual_seed(1)
     a, b = torch.randn(9, 4), torch.randn(9, 6)
@@ -77,14 +99,16 @@ def test_independent_inputs_give_about_zero():
     assert float(nhsic(a, a[:, :10].tanh() + 0.1 * torch.randn(512, 10))) > 0.5
 
 
-def test_invariant_to_scaling_an_input():
+def test_rms_option_is_invariant_to_scaling_an_input():
     torch.manual_seed(4)
     a = torch.randn(40, 7)
     b = a @ torch.randn(7, 5) + torch.randn(40, 5)
-    base = float(nhsic(a, b))
+    base = float(nhsic(a, b, normalize=True))
     for c in (1e-3, 0.5, 10.0, 1e3):
-        assert float(nhsic(a * c, b)) == pytest.approx(base, rel=1e-4)
-        assert float(nhsic(a, b * c)) == pytest.approx(base, rel=1e-4)
+        assert float(nhsic(a * c, b, normalize=True)) == pytest.approx(base, rel=1e-4)
+        assert float(nhsic(a, b * c, normalize=True)) == pytest.approx(base, rel=1e-4)
+    # the raw formula is not: the kernel width is in the features' own units
+    assert float(nhsic(a * 10.0, b)) != pytest.approx(float(nhsic(a, b)), rel=1e-2)
 
 
 def test_symmetric_bounded_and_differentiable():
@@ -113,6 +137,25 @@ def test_curriculum_coefficients_interpolate_in_depth():
     assert coefficients(1, 1, (0.5, 0.9), (0.1, 0.2)) == pytest.approx((0.5, 0.1))
     with pytest.raises(ValueError):
         coefficients(5, 4, (0, 0), (0, 0))
+
+
+def test_authors_lambdas_per_stage_with_their_sign():
+    """``CE - lambda1_t nHSIC(Z,X) - lambda2_t nHSIC(P,Y)``: beta_t = -lambda1_t, gamma_t = lambda2_t;
+    without lambdas, memfl's interpolated curriculum."""
+    l1, l2 = [0.4, 0.3, 0.2, 0.1], [0.0, 0.1, 0.2, 0.5]
+    for t in range(1, 5):
+        assert stage_coefficients(t, 4, (0, 1), (1, 0), l1, l2) == pytest.approx((-l1[t - 1], l2[t - 1]))
+    assert stage_coefficients(2, 4, (0.0, 0.3), (0.0, 0.6)) == pytest.approx(coefficients(2, 4, (0.0, 0.3), (0.0, 0.6)))
+    with pytest.raises(ValueError, match="4 values"):
+        stage_coefficients(1, 4, (0, 0), (0, 0), [0.1, 0.2], [0.1, 0.2])
+    # a positive lambda1 rewards keeping input information: descent raises nHSIC(X, Z)
+    torch.manual_seed(7)
+    x = torch.randn(32, 10)
+    z = (x @ torch.randn(10, 8) + 2 * torch.randn(32, 8)).requires_grad_(True)
+    beta_t, gamma_t = stage_coefficients(1, 4, (0, 0), (0, 0), [1.0, 0, 0, 0], [0.0, 0, 0, 0])
+    mentor_loss(x, z, one_hot(torch.randint(0, 3, (32,)), 3), None, beta_t, gamma_t).backward()
+    with torch.no_grad():
+        assert float(nhsic(x, z - 0.5 * z.grad)) > float(nhsic(x, z))
 
 
 def test_mentor_loss_pushes_the_right_way():
@@ -145,8 +188,9 @@ def test_training_adds_exactly_the_mentor_loss(monkeypatch):
 
     def spy(*args, **kwargs):
         calls.append(real(*args, **kwargs))
-        x, z, yh, p, beta_t, gamma_t, sigma = args
-        assert torch.equal(calls[-1].loss, mentor_loss(x, z, yh, p, beta_t, gamma_t, sigma))
+        x, z, yh, p, beta_t, gamma_t, sigma, normalize = args
+        assert normalize is False  # nhsic_scale = "raw" by default
+        assert torch.equal(calls[-1].loss, mentor_loss(x, z, yh, p, beta_t, gamma_t, sigma, normalize))
         return calls[-1]
 
     monkeypatch.setattr(engine, "mentor_terms", spy)

@@ -1,5 +1,6 @@
 """ScaleFL mechanisms: partition, stage engine (frozen blocks, harmonizer), schedule, eligibility."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -445,3 +446,123 @@ def test_user_models_that_cannot_be_cut_are_refused_with_the_reason():
     assert ScaleFLModel(tiny, 1, input_shape=(7,))(torch.randint(0, 30, (4, 7))).shape == (4, 3)
     with pytest.raises(PartitionError, match="needs input_shape"):
         ScaleFLModel(user_mlp(), 2)
+
+
+# ------------------------------------------------------------------- fidelity switches (issue 10)
+
+
+@pytest.mark.parametrize("frozen_bn", ["eval", "train"])
+def test_frozen_bn_eval_keeps_statistics_train_uses_batch_statistics(frozen_bn):
+    torch.manual_seed(0)
+    sm = ScaleFLModel(resnet(), 4)
+    sm.train()
+    x, y = torch.randn(6, 3, 32, 32) * 3 + 1, torch.randint(0, 10, (6,))
+    stats = {k: v.clone() for k, v in sm.state_dict().items() if "running_mean" in k and sm.partition.block_of(k) == 1}
+    step = prepare(sm, stage_plan(3, mentor=False, harmonizer=False, frozen_bn=frozen_bn))
+    assert "blocks.0.unit0.bn1" not in step.trainable_names()
+    loss, _ = step.loss(x, y)
+    loss.backward()
+    after = sm.state_dict()
+    moved = [k for k, v in stats.items() if not torch.equal(after[k], v)]
+    assert (moved == []) == (frozen_bn == "eval")  # train: the authors' code, running statistics drift
+    assert sm.get_submodule("blocks.0.unit0.bn1").training == (frozen_bn == "train")
+    # frozen blocks still get no gradients under either mode
+    assert all(p.grad is None for n, p in sm.named_parameters() if sm.partition.block_of(n) == 1)
+
+
+def test_authors_projection_head_and_model_width_exits():
+    from memfl.methods.scalefl.output import AuthorsProjectionHead, ProjectionHead
+
+    light = ScaleFLModel(resnet(), 4)
+    authors = ScaleFLModel(resnet(), 4, projection="authors", exit_width="model")
+    assert isinstance(light.projs["1"], ProjectionHead)
+    # 512 -> 2056 -> 1024 -> 512 scaled by the width (0.125: the last block is 64 wide), no activations
+    head = authors.projs["4"]
+    assert isinstance(head, AuthorsProjectionHead)
+    assert [(m.in_features, m.out_features) for m in head.children()] == [(64, 257), (257, 128), (128, 64)]
+    assert all(isinstance(m, nn.Linear) for m in head.children())
+    p = torch.randn(5, 64)
+    assert torch.allclose(head(p), head.fc3(head.fc2(head.fc1(p))))  # linear: no non-linearity between
+    # exits: light keeps block 1's 8 channels, model follows the model's widths 16, 32, 64
+    assert [c.out_channels for c in light.exits["1"].convs] == [10, 10, 10]
+    assert [c.out_channels for c in authors.exits["1"].convs] == [16, 32, 64]
+    assert authors.projs["1"].fc1.in_features == 64 and light.projs["1"].fc1.in_features == 10
+    # the memory estimate of a stage plan understands both (the engine adopts a plain model with them)
+    from memfl.memory import estimate
+
+    def est(**o):
+        return estimate(resnet(), (8, 3, 32, 32), plan=stage_plan(1, **o)).peak_bytes
+
+    assert est(exit_width="model", projection="authors") > est(exit_width="model") > est()
+    sc = stage_client_model(resnet, 1, exit_width="model", projection="authors")
+    assert sc.exit_width == "model" and sc.projection == "authors"
+    assert estimate(sc, (8, 3, 32, 32), plan=stage_plan(1)).peak_bytes == est(exit_width="model", projection="authors")
+
+
+def test_strategy_carries_the_switches_in_plans_and_model():
+    strat = ScaleFL(make_ctx(projection="authors", exit_width="model", frozen_bn="train", nhsic_scale="rms"))
+    opts = strat.plan(2).options
+    assert opts["projection"] == "authors" and opts["exit_width"] == "model"
+    assert opts["frozen_bn"] == "train" and opts["nhsic_scale"] == "rms"
+    model = strat.wrap_model_fn(cnn, strat.ctx)(Plan())
+    assert model.projection == "authors" and model.exit_width == "model"
+    # defaults add nothing to the plan (the plans of earlier runs are unchanged)
+    plain = ScaleFL(make_ctx()).plan(2).options
+    assert not {"projection", "exit_width", "frozen_bn", "nhsic_scale", "lambda1"} & set(plain)
+    lam = ScaleFL(make_ctx(lambda1=[0.1, 0.2, 0.3, 0.4], lambda2=[0.5, 0.5, 0.5, 0.5]))
+    step = prepare(lam.wrap_model_fn(cnn, lam.ctx)(Plan()), lam.plan(2))
+    assert step.metrics()["beta_t"] == pytest.approx(-0.2) and step.metrics()["gamma_t"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one per stage"):
+        ScaleFLConfig(lambda1=[0.1], lambda2=[0.1])
+    with pytest.raises(ValueError, match="both"):
+        ScaleFLConfig(lambda1=[0.1] * 4)
+
+
+def test_effective_movement_and_the_movement_advance_rule():
+    from memfl.methods.scalefl.schedule import StageSchedule, effective_movement
+
+    u = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+    assert effective_movement([u] * 6) == pytest.approx(1.0)
+    assert effective_movement([u, -u] * 3) == pytest.approx(0.0)
+    assert effective_movement([u, -u, u]) == pytest.approx(1 / 3)
+    sched = StageSchedule("elastic", 4, 1, 20, 3, 0.02, rule="movement", movement_window=3, movement_threshold=0.5)
+    rounds, r = [], 0
+    for sign in [1, 1, 1, 1]:  # a block still moving one way: no advance
+        r += 1
+        assert sched.advance(r, 1.0, sign * u) is None
+    assert sched.last_movement == pytest.approx(1.0)
+    for sign in [-1, 1]:  # turning back: |u + u - u| / 3|u| = 1/3 < 0.5, then the new stage starts afresh
+        r += 1
+        rounds.append(sched.advance(r, 1.0, sign * u))
+    assert rounds == ["movement", None] and sched.stage == 2 and len(sched.updates) == 1
+    assert sched.transitions[-1]["reason"] == "movement"
+
+
+def test_strategy_movement_rule_samples_the_active_block_and_checkpoints_exactly():
+    import json
+
+    torch.manual_seed(0)
+    strat = ScaleFL(make_ctx(advance="movement", movement_window=2, movement_threshold=0.9, r_min=1, r_max=5))
+    model_fn = strat.wrap_model_fn(cnn, strat.ctx)
+    params = {k: v.clone() for k, v in model_fn(Plan()).state_dict().items()}
+    stages, reasons = [], []
+    for rnd in range(1, 4):
+        stages.append(strat.stage_for(rnd))
+        ins = strat.configure_train(rnd, params, clients(10**9, 10**9))
+        results = [_fit(strat, model_fn, i, seed=rnd * 10 + k) for k, i in enumerate(ins)]
+        params = strat.aggregate_train(rnd, params, results)
+        rep = strat.round_report(rnd)
+        reasons.append(rep.get("advanced"))
+        if rnd == 1:
+            assert "movement" not in rep  # fewer than W updates yet
+            state = json.loads(json.dumps(strat.state_dict()))
+            assert len(state["updates"]) == 1
+            n_block1 = sum(p.numel() for n, p in model_fn(Plan()).named_parameters() if n.startswith("blocks.0."))
+            assert len(state["updates"][0]) == min(10_000, n_block1)
+            other = ScaleFL(make_ctx(advance="movement", movement_window=2, movement_threshold=0.9))
+            other.load_state_dict(state)
+            assert all(np.array_equal(a, b) for a, b in zip(other.scheduler.updates, strat.scheduler.updates))
+        elif rnd == 2:  # W = 2 updates of block 1: the rule's value is reported and decides
+            assert 0.0 <= rep["movement"] <= 1.0
+            assert (rep.get("advanced") == "movement") == (rep["movement"] < 0.9)
+    assert stages[:2] == [1, 1]

@@ -56,8 +56,33 @@ def test_scalefl_runs_every_stage_within_budgets_and_records_it(scalefl_config):
     assert data["rounds"][0]["clients"][0]["metrics"]["stage"] == 1
 
 
+AUTHORS_SWITCHES = {
+    "advance": "movement",
+    "movement_window": 2,
+    "movement_threshold": 0.99,
+    "r_max": 3,
+    "frozen_bn": "train",
+    "projection": "authors",
+    "exit_width": "model",
+    "lambda1": [0.1, 0.05, 0.0, 0.0],
+    "lambda2": [0.1, 0.1, 0.1, 0.1],
+}
+
+
 @pytest.mark.slow
-def test_scalefl_killed_run_resumes_identically(scalefl_config, tmp_path):
+@pytest.mark.parametrize("switches", [{}, AUTHORS_SWITCHES], ids=["ours", "authors"])
+def test_scalefl_killed_run_resumes_identically(scalefl_config, tmp_path, switches):
+    if switches:  # the authors' choices, the movement rule's window included in the checkpoint
+        base = scalefl_config
+
+        def scalefl_config(**run):
+            from memfl.config import build_config
+
+            # the authors' heads and model-width exits make early stages heavier than the full cnn
+            cfg = base(**{"budgets": "relative:2-3", **run}).to_json()
+            cfg["scalefl"].update(switches)
+            return build_config(cfg)
+
     full = run_experiment(scalefl_config(out=str(tmp_path / "full")), progress=False)
 
     class Kill(Exception):
@@ -71,7 +96,13 @@ def test_scalefl_killed_run_resumes_identically(scalefl_config, tmp_path):
     with pytest.raises(Kill):
         run_experiment(cfg, progress=False, on_round=die)
     resumed = run_experiment(cfg, progress=False)
-    assert [r["strategy"]["stage"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    stages = [r["strategy"]["stage"] for r in full["rounds"]]
+    assert [r["strategy"]["stage"] for r in resumed["rounds"]] == stages
+    if not switches:
+        assert stages == [1, 2, 3, 4]
+    else:
+        assert [r["strategy"].get("advanced") for r in full["rounds"]][1] == "movement"
+        assert "movement" in full["rounds"][1]["strategy"]
     assert resumed["rounds"][-1]["accuracy"] == full["rounds"][-1]["accuracy"]
     a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "resumed")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

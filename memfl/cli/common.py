@@ -51,6 +51,7 @@ RUN_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "rounds": ("run.rounds", int),
     "eval_every": ("run.eval_every", int),
     "partition": ("run.partition", str),
+    "samples_per_client": ("run.samples_per_client", int),
     "budgets": ("run.budgets", str),
     "seed": ("run.seed", int),
     "out": ("run.out", str),

@@ -8,6 +8,14 @@ Specs (strings, as they appear in configs and on the command line):
                      share (N / num_clients) gets no more of the later classes, which keeps sizes from
                      exploding. Redrawn until every client has >= ``min_size`` samples; small ALPHA
                      (e.g. 0.1) = strong skew, large ALPHA (100) ~ IID.
+- ``dirichlet-fixed:ALPHA`` label skew with *fixed client sizes*: every client holds exactly
+                     ``N // num_clients`` samples (the first ``N mod num_clients`` clients, in the
+                     seeded order, one more) whose label proportions are drawn from Dirichlet(ALPHA)
+                     (SPEC 8: ``dirichlet:0.1`` cannot give 200 clients of a 20,000-image pool >= 10
+                     samples each). Clients are filled one by one in a seeded random order; when a
+                     class a client's draw asks for has run out, the shortfall goes to the classes
+                     the draw favours most among those left, so the last clients of the order are
+                     less skewed than Dir(ALPHA) (all samples are used).
 - ``classes:K``      pathological non-IID (McMahan et al. 2017 style): every client holds exactly K
                      distinct classes; each class is held by about ``num_clients * K / C`` clients,
                      who split its samples evenly.
@@ -28,7 +36,8 @@ __all__ = ["PARTITION_FORMS", "label_histogram", "parse_partition", "partition"]
 
 #: The accepted spec forms, for error messages and help texts.
 PARTITION_FORMS = (
-    "'iid', 'dirichlet:ALPHA' (ALPHA > 0, e.g. dirichlet:0.5) or 'classes:K' (integer K >= 1, e.g. classes:2)"
+    "'iid', 'dirichlet:ALPHA' (ALPHA > 0, e.g. dirichlet:0.5), 'dirichlet-fixed:ALPHA' (equal client sizes, "
+    "e.g. dirichlet-fixed:0.1) or 'classes:K' (integer K >= 1, e.g. classes:2)"
 )
 
 #: How many Dirichlet draws are tried before giving up on ``min_size``.
@@ -41,7 +50,8 @@ def parse_partition(spec: str) -> tuple[str, float | int | None]:
     """Validate a partition spec.
 
     Returns:
-        ``("iid", None)``, ``("dirichlet", alpha)`` with alpha a positive float, or
+        ``("iid", None)``, ``("dirichlet", alpha)`` or ``("dirichlet-fixed", alpha)`` with alpha a
+        positive float, or
         ``("classes", k)`` with k a positive int.
 
     Raises:
@@ -52,11 +62,11 @@ def parse_partition(spec: str) -> tuple[str, float | int | None]:
     s = spec.strip().lower()
     if s == "iid":
         return "iid", None
-    m = re.fullmatch(rf"dirichlet:\s*({_NUM})", s)
+    m = re.fullmatch(rf"(dirichlet|dirichlet-fixed):\s*({_NUM})", s)
     if m:
-        alpha = float(m.group(1))
+        alpha = float(m.group(2))
         if alpha > 0 and math.isfinite(alpha):
-            return "dirichlet", alpha
+            return m.group(1), alpha
         raise ValueError(f"bad partition spec {spec!r}: ALPHA must be > 0; expected {PARTITION_FORMS}")
     m = re.fullmatch(r"classes:\s*([0-9]+)", s)
     if m:
@@ -84,7 +94,8 @@ def partition(labels, num_clients: int, spec: str, *, seed: int = 0, min_size: i
     Args:
         labels:      1-D integer class labels (numpy array, list or torch tensor), one per sample.
         num_clients: number of clients (>= 1).
-        spec:        ``"iid"``, ``"dirichlet:ALPHA"`` or ``"classes:K"`` (see module docstring).
+        spec:        ``"iid"``, ``"dirichlet:ALPHA"``, ``"dirichlet-fixed:ALPHA"`` or ``"classes:K"``
+                     (see module docstring).
         seed:        the seed; same inputs and seed -> same partition.
         min_size:    for ``dirichlet``, the fewest samples any client may get (draws are repeated up
                      to :data:`MAX_DIRICHLET_ATTEMPTS` times). ``iid`` and ``classes`` give every
@@ -111,6 +122,8 @@ def partition(labels, num_clients: int, spec: str, *, seed: int = 0, min_size: i
         parts = np.array_split(rng.permutation(n), num_clients)
     elif kind == "dirichlet":
         parts = _dirichlet(y, num_clients, float(arg), rng, min_size)  # type: ignore[arg-type]
+    elif kind == "dirichlet-fixed":
+        parts = _dirichlet_fixed(y, num_clients, float(arg), rng)  # type: ignore[arg-type]
     else:
         parts = _classes(y, num_clients, int(arg), rng)  # type: ignore[arg-type]
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -154,6 +167,38 @@ def _dirichlet(
         f"than min_size={min_size} samples (best draw: {best}); use a larger ALPHA, fewer "
         "clients or a smaller min_size"
     )
+
+
+def _dirichlet_fixed(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Equal client sizes, label proportions from Dirichlet(alpha) (see the module docstring)."""
+    n = y.shape[0]
+    classes = np.unique(y)
+    pools = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    left = np.array([len(p) for p in pools], dtype=np.int64)
+    used = np.zeros(len(classes), dtype=np.int64)
+    order = rng.permutation(num_clients)
+    base, extra = divmod(n, num_clients)
+    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_clients
+    for slot, client in enumerate(order):
+        size = base + (1 if slot < extra else 0)
+        p = rng.dirichlet(np.full(len(classes), alpha))
+        want = np.floor(p * size).astype(np.int64)
+        short = size - int(want.sum())  # largest remainders get the rounding
+        if short:
+            want[np.argsort(-(p * size - want), kind="stable")[:short]] += 1
+        take = np.minimum(want, left)
+        deficit = size - int(take.sum())
+        while deficit > 0:  # a wanted class ran out: the draw's favourite among the classes left
+            room = left - take
+            k = int(np.argmax(np.where(room > 0, p + 1e-12, -1.0)))
+            add = min(int(room[k]), deficit)
+            take[k] += add
+            deficit -= add
+        chunks = [pools[c][used[c] : used[c] + take[c]] for c in range(len(classes))]
+        used += take
+        left -= take
+        parts[int(client)] = np.concatenate(chunks)
+    return parts
 
 
 def _classes(y: np.ndarray, num_clients: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:

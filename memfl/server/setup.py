@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from memfl.config import Config
@@ -92,8 +93,25 @@ def load_data(config: Config) -> Dataset:
 
 
 def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimClient]:
-    """Partition the data and give every client a device profile and a memory budget."""
-    parts = partition(data.train_y.numpy(), config.run.clients, config.run.partition, seed=config.run.seed)
+    """Partition the data and give every client a device profile and a memory budget.
+
+    ``run.samples_per_client = N``: first draw ``clients x N`` training samples (seeded by
+    ``run.seed``, without replacement), then partition those; None partitions the whole training set."""
+    labels = data.train_y.numpy()
+    pool = None
+    n_per = config.run.samples_per_client
+    if n_per is not None:
+        want = config.run.clients * n_per
+        if want > len(labels):
+            raise ValueError(
+                f"run.samples_per_client = {n_per}: {config.run.clients} clients x {n_per} = {want} samples, "
+                f"but the training set has {len(labels)}"
+            )
+        pool = np.sort(np.random.default_rng([config.run.seed, 0x5A3C]).permutation(len(labels))[:want])
+        labels = labels[pool]
+    parts = partition(labels, config.run.clients, config.run.partition, seed=config.run.seed)
+    if pool is not None:
+        parts = [pool[p] for p in parts]
     devices = assign_budgets(config.run.budgets, config.run.clients, full_peak_bytes=full_peak, seed=config.run.seed)
     clients = []
     for cid, (idx, (device, budget)) in enumerate(zip(parts, devices)):

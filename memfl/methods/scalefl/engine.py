@@ -1,7 +1,8 @@
 """The ``"stage"`` engine: one ScaleFL client's training step for stage t (SPEC 2.2-2.4).
 
 :func:`prepare_stage` is the engine for ``Plan(kind="stage", stage=t)``. Blocks before t are frozen
-and run under ``torch.no_grad()`` in eval mode (no saved activations, no BN statistics update); the
+and run under ``torch.no_grad()`` in eval mode (no saved activations, no BN statistics update;
+``frozen_bn = "train"``: train mode, as the authors' code); the
 Training Harmonizer (:mod:`memfl.methods.scalefl.harmonizer`) co-trains block t-1's last layer
 with block t. The loss is ``CE(O_t(z_t), y)`` plus the Curriculum Mentor's
 :func:`~memfl.methods.scalefl.mentor.mentor_terms` (``beta_t nHSIC(X, Z_t) - gamma_t nHSIC(Y, P_t)``).
@@ -14,9 +15,14 @@ Plan options (``plan.options``; all optional): ``blocks`` (T, default 4), ``part
 (``"default"``/``"balanced"``) and ``batch_size`` (what ``balanced`` balances for, default 32),
 ``input_shape`` (one sample's shape, for a model that does not record it in ``arch``), ``mentor``
 (bool, default True), ``beta``/``gamma`` (``[first, last]`` curriculum, see
-:func:`memfl.methods.scalefl.mentor.coefficients`), ``sigma``, ``harmonizer`` (bool, default True),
-``recompute_tail`` (bool, default True), ``metrics`` (bool, default True: report nHSIC(X, Z_t),
-nHSIC(Y, Z_t), nHSIC(Y, P_t)).
+:func:`memfl.methods.scalefl.mentor.coefficients`), ``lambda1``/``lambda2`` (the authors' per-stage
+form, replacing beta/gamma: :func:`~memfl.methods.scalefl.mentor.stage_coefficients`), ``sigma``,
+``nhsic_scale`` (``"raw"``, default, or ``"rms"``), ``harmonizer`` (bool, default True),
+``recompute_tail`` (bool, default True), ``frozen_bn`` (``"eval"``, default: frozen blocks use
+running statistics; ``"train"``: batch statistics, as the authors' code), ``exit_width``
+(``"light"``/``"model"``) and ``projection`` (``"light"``/``"authors"``) for a model the engine
+adopts (a :class:`ScaleFLModel` keeps its own), ``metrics`` (bool, default True: report
+nHSIC(X, Z_t), nHSIC(Y, Z_t), nHSIC(Y, P_t)).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch import nn
 from memfl.core.engine import TrainStep
 from memfl.core.protocol import Plan
 from memfl.methods.scalefl.harmonizer import HarmonizedTail, harmonizer_for
-from memfl.methods.scalefl.mentor import SIGMA, coefficients, mentor_terms, nhsic, one_hot
+from memfl.methods.scalefl.mentor import SIGMA, mentor_terms, nhsic, one_hot, stage_coefficients
 from memfl.methods.scalefl.model import ScaleFLModel
 from memfl.methods.scalefl.output import pool_features
 
@@ -59,9 +65,15 @@ def scalefl_options(plan: Plan) -> dict[str, Any]:
         "mentor": bool(o.get("mentor", True)),
         "beta": tuple(o.get("beta", DEFAULT_BETA)),
         "gamma": tuple(o.get("gamma", DEFAULT_GAMMA)),
+        "lambda1": [float(v) for v in o["lambda1"]] if o.get("lambda1") is not None else None,
+        "lambda2": [float(v) for v in o["lambda2"]] if o.get("lambda2") is not None else None,
         "sigma": float(o.get("sigma", SIGMA)),
+        "nhsic_scale": o.get("nhsic_scale", "raw"),
         "harmonizer": bool(o.get("harmonizer", True)),
         "recompute_tail": bool(o.get("recompute_tail", True)),
+        "frozen_bn": o.get("frozen_bn", "eval"),
+        "exit_width": o.get("exit_width", "light"),
+        "projection": o.get("projection", "light"),
         "metrics": bool(o.get("metrics", True)),
     }
 
@@ -74,13 +86,31 @@ def as_scalefl(model: nn.Module, plan: Plan) -> ScaleFLModel:
     if isinstance(model, ScaleFLModel):
         if "blocks" in (plan.options or {}) and opts["blocks"] != model.blocks_count:
             raise ValueError(f"plan asks for {opts['blocks']} blocks but the model is cut into {model.blocks_count}")
+        for key in ("exit_width", "projection"):  # a ScaleFLModel keeps its own heads: refuse a mismatch
+            if key in (plan.options or {}) and opts[key] != getattr(model, key, "light"):
+                raise ValueError(
+                    f"plan asks for {key} {opts[key]!r} but the model has {getattr(model, key, 'light')!r}"
+                )
         return model
     cached = getattr(model, "_scalefl_view", None)
-    key = (opts["blocks"], opts["partition"], opts["batch_size"], opts["input_shape"])
+    key = (
+        opts["blocks"],
+        opts["partition"],
+        opts["batch_size"],
+        opts["input_shape"],
+        opts["exit_width"],
+        opts["projection"],
+    )
     if cached is not None and cached[0] == key:
         return cached[1]
     view = ScaleFLModel(
-        model, opts["blocks"], mode=opts["partition"], batch_size=opts["batch_size"], input_shape=opts["input_shape"]
+        model,
+        opts["blocks"],
+        mode=opts["partition"],
+        batch_size=opts["batch_size"],
+        input_shape=opts["input_shape"],
+        exit_width=opts["exit_width"],
+        projection=opts["projection"],
     )
     object.__setattr__(model, "_scalefl_view", (key, view))  # not a submodule: no state-dict change
     return view
@@ -103,7 +133,17 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
     harm = harmonizer_for(sm, part, t, opts["harmonizer"])
     out_module = sm.get_submodule(part.head) if t == T else sm.exits[str(t)]
     mentor = opts["mentor"]
-    beta_t, gamma_t = coefficients(t, T, opts["beta"], opts["gamma"]) if mentor else (0.0, 0.0)
+    if opts["nhsic_scale"] not in ("raw", "rms"):
+        raise ValueError(f"scalefl nhsic_scale {opts['nhsic_scale']!r}: expected 'raw' or 'rms'")
+    if opts["frozen_bn"] not in ("eval", "train"):
+        raise ValueError(f"scalefl frozen_bn {opts['frozen_bn']!r}: expected 'eval' or 'train'")
+    rms = opts["nhsic_scale"] == "rms"
+    frozen_train = opts["frozen_bn"] == "train"
+    beta_t, gamma_t = (
+        stage_coefficients(t, T, opts["beta"], opts["gamma"], opts["lambda1"], opts["lambda2"])
+        if mentor
+        else (0.0, 0.0)
+    )
     proj = sm.projs[str(t)] if (mentor and gamma_t != 0.0) else None
 
     trained_units = list(part.groups[t - 1])
@@ -130,8 +170,8 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
         training = trained_mods[0].training if trained_mods else True
         if training:
             for m in frozen_mods:
-                m.eval()
-            tail.set_modes()
+                m.train(frozen_train)  # "train": batch statistics, as the authors' code
+            tail.set_modes(frozen_train)
         h = x
         with torch.no_grad():
             for m in frozen_mods:
@@ -155,13 +195,13 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
             return logits.new_zeros(())
         yh = one_hot(y, sm.num_classes)
         p = proj(pooled) if proj is not None else None
-        terms = mentor_terms(x, z, yh, p, beta_t, gamma_t, opts["sigma"])
+        terms = mentor_terms(x, z, yh, p, beta_t, gamma_t, opts["sigma"], rms)
         if opts["metrics"]:
             with torch.no_grad():
                 xf, zf = x.reshape(x.shape[0], -1), z.reshape(z.shape[0], -1)
                 xz = terms.nhsic_xz
-                sums["nhsic_xz"] += float(xz.detach() if xz is not None else nhsic(xf, zf, opts["sigma"]))
-                sums["nhsic_yz"] += float(nhsic(yh, zf, opts["sigma"]))
+                sums["nhsic_xz"] += float(xz.detach() if xz is not None else nhsic(xf, zf, opts["sigma"], rms))
+                sums["nhsic_yz"] += float(nhsic(yh, zf, opts["sigma"], rms))
                 if terms.nhsic_yp is not None:
                     sums["nhsic_yp"] += float(terms.nhsic_yp.detach())
                 sums["batches"] += 1

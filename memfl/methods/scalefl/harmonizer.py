@@ -104,10 +104,11 @@ class HarmonizedTail:
     def __bool__(self) -> bool:
         return bool(self.mods)
 
-    def set_modes(self) -> None:
-        """Only the boundary layer trains (its BN updates its statistics); the rest is eval."""
+    def set_modes(self, frozen_train: bool = False) -> None:
+        """Only the boundary layer trains (its BN updates its statistics); the rest is eval
+        (``frozen_train``: train mode too, batch statistics -- ``frozen_bn = "train"``)."""
         for m in self.all:
-            m.training = id(m) in self.train_ids
+            m.training = frozen_train or id(m) in self.train_ids
 
     def _run(self, h: torch.Tensor) -> torch.Tensor:
         for m in self.mods:

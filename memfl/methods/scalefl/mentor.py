@@ -15,10 +15,17 @@ nHSIC is kernel CKA with Gaussian kernels over a minibatch of ``m`` samples::
     HSIC(A, B)  = tr(K_A H K_B H) / m^2,                H = I - 11^T / m
     nHSIC(A, B) = HSIC(A, B) / sqrt(HSIC(A, A) HSIC(B, B))
 
-Before the kernel each input is divided by its batch RMS deviation (the root mean square of
-``a - mean(a)`` over the batch and the features), so that ``sigma`` is measured in units of the
-feature's own spread and nHSIC does not change when an input is scaled (``normalize=False``
-gives the raw SPEC formula). The value lies in [0, 1]; identical inputs give 1.
+By default (``normalize=False``, ``[scalefl] nhsic_scale = "raw"``) the kernel is applied to the raw
+features, exactly the formula and the authors' released code. ``normalize=True``
+(``nhsic_scale = "rms"``, memfl's earlier default) first divides each input by its batch RMS
+deviation (the root mean square of ``a - mean(a)`` over the batch and the features), so that
+``sigma`` is measured in units of the feature's own spread and nHSIC does not change when an input
+is scaled; with sigma = 5 that kernel is close to linear. The value lies in [0, 1]; identical
+inputs give 1.
+
+The authors write the loss as ``CE - lambda1_t nHSIC(Z_t, X) - lambda2_t nHSIC(P_t, Y)`` with
+per-stage coefficients; nHSIC is symmetric, so that is this loss with ``beta_t = -lambda1_t`` and
+``gamma_t = lambda2_t`` (:func:`stage_coefficients`).
 
 The work is O(m^2 d) for the Gram matrices and O(m^2) for the rest; ``tr(K_A H K_B H)`` is computed
 as the Frobenius product of the two doubly-centred kernels, which is the same number.
@@ -41,7 +48,7 @@ def _flat(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape[0], -1)
 
 
-def gaussian_kernel(a: torch.Tensor, sigma: float = SIGMA, normalize: bool = True) -> torch.Tensor:
+def gaussian_kernel(a: torch.Tensor, sigma: float = SIGMA, normalize: bool = False) -> torch.Tensor:
     """``K_ij = exp(-||a_i - a_j||^2 / (2 sigma^2 d))`` for the rows of ``a`` (m x d); m x m.
 
     ``normalize`` first divides ``a`` by its batch RMS deviation (scale invariance)."""
@@ -60,7 +67,7 @@ def _centre(k: torch.Tensor) -> torch.Tensor:
     return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
 
 
-def hsic(a: torch.Tensor, b: torch.Tensor, sigma: float = SIGMA, normalize: bool = True) -> torch.Tensor:
+def hsic(a: torch.Tensor, b: torch.Tensor, sigma: float = SIGMA, normalize: bool = False) -> torch.Tensor:
     """Biased HSIC estimate ``tr(K_A H K_B H) / m^2`` with Gaussian kernels (a scalar tensor)."""
     m = a.shape[0]
     ka = _centre(gaussian_kernel(a, sigma, normalize))
@@ -68,11 +75,12 @@ def hsic(a: torch.Tensor, b: torch.Tensor, sigma: float = SIGMA, normalize: bool
     return (ka * kb).sum() / (m * m)
 
 
-def nhsic(a: torch.Tensor, b: torch.Tensor, sigma: float = SIGMA, normalize: bool = True) -> torch.Tensor:
+def nhsic(a: torch.Tensor, b: torch.Tensor, sigma: float = SIGMA, normalize: bool = False) -> torch.Tensor:
     """Normalised HSIC (kernel CKA) between ``a`` and ``b`` (2-D, one row per sample).
 
     Returns a scalar tensor in [0, 1] that carries gradients to both inputs. Inputs with more
     than two dimensions are flattened per sample; 1-D inputs are treated as one feature.
+    ``normalize``: divide each input by its batch RMS deviation first (``nhsic_scale = "rms"``).
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"nhsic: a and b need the same number of rows (samples), got {a.shape[0]} and {b.shape[0]}")
@@ -108,6 +116,26 @@ def coefficients(
     return b, g
 
 
+def stage_coefficients(
+    block: int,
+    blocks: int,
+    beta: tuple[float, float] | list[float],
+    gamma: tuple[float, float] | list[float],
+    lambda1: list[float] | None = None,
+    lambda2: list[float] | None = None,
+) -> tuple[float, float]:
+    """``(beta_t, gamma_t)`` of block ``block``: the authors' per-stage ``lambda1``/``lambda2`` (T values
+    each, loss ``- lambda1_t nHSIC(Z,X) - lambda2_t nHSIC(P,Y)``) when given, as ``(-lambda1_t,
+    lambda2_t)``; else memfl's interpolated curriculum (:func:`coefficients`)."""
+    if lambda1 is None and lambda2 is None:
+        return coefficients(block, blocks, beta, gamma)
+    if lambda1 is None or lambda2 is None or len(lambda1) != blocks or len(lambda2) != blocks:
+        raise ValueError(f"scalefl lambda1 and lambda2 need {blocks} values each (one per stage)")
+    if not 1 <= block <= blocks:
+        raise ValueError(f"block {block} out of range 1..{blocks}")
+    return -float(lambda1[block - 1]), float(lambda2[block - 1])
+
+
 class MentorTerms(NamedTuple):
     """What :func:`mentor_terms` computed: the loss to add to the CE and its two nHSIC values
     (None where the term is off), kept for the round's metrics."""
@@ -125,6 +153,7 @@ def mentor_terms(
     beta_t: float,
     gamma_t: float,
     sigma: float = SIGMA,
+    normalize: bool = False,
 ) -> MentorTerms:
     """The Curriculum Mentor's part of the stage-t loss, as the ``stage`` engine trains it.
 
@@ -132,14 +161,15 @@ def mentor_terms(
     data); z: block t's feature ``Z_t`` (any shape, flattened per sample); y_onehot: (B, classes);
     p: the projection ``P_t`` of the pooled feature, or None (no gamma term). Returns
     ``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (a term whose coefficient is 0 is skipped, not
-    computed) with the two values. Caveat: for token inputs X is the integer ids as numbers."""
+    computed) with the two values; ``normalize`` as :func:`nhsic`. Caveat: for token inputs X is the
+    integer ids as numbers."""
     loss = z.new_zeros(())
     xz = yp = None
     if beta_t:
-        xz = nhsic(x.detach().reshape(x.shape[0], -1), z.reshape(z.shape[0], -1), sigma)
+        xz = nhsic(x.detach().reshape(x.shape[0], -1), z.reshape(z.shape[0], -1), sigma, normalize)
         loss = loss + beta_t * xz
     if gamma_t and p is not None:
-        yp = nhsic(y_onehot, p, sigma)
+        yp = nhsic(y_onehot, p, sigma, normalize)
         loss = loss - gamma_t * yp
     return MentorTerms(loss, xz, yp)
 
@@ -152,7 +182,8 @@ def mentor_loss(
     beta_t: float,
     gamma_t: float,
     sigma: float = SIGMA,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """``beta_t * nHSIC(X, Z) - gamma_t * nHSIC(Y, P)`` (the part of L_t added to the CE): the loss
     training adds (:func:`mentor_terms`, without its values)."""
-    return mentor_terms(x, z, y_onehot, p, beta_t, gamma_t, sigma).loss
+    return mentor_terms(x, z, y_onehot, p, beta_t, gamma_t, sigma, normalize).loss

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from memfl.core.protocol import Plan
-from memfl.methods.scalefl.output import OutputModule, ProjectionHead, exit_channels, pooled_width
+from memfl.methods.scalefl.output import OutputModule, exit_channels, pooled_width, projection_head
 from memfl.methods.scalefl.partition import Partition, PartitionError, check_sequential, example_input, partition_model
 
 
@@ -42,7 +42,10 @@ class ScaleFLModel(nn.Module):
                  whose forward is its children in order); its modules are adopted, not copied.
     blocks:      T; ``mode``/``boundaries``/``head``/``batch_size``: how to cut
                  (:func:`partition_model`; ``batch_size`` matters for ``mode="balanced"`` only).
-    exit_width:  ``"light"`` or ``"model"``: the output modules' conv channels (:func:`exit_channels`).
+    exit_width:  ``"light"`` (ours) or ``"model"`` (the authors'): the output modules' conv channels
+                 (:func:`exit_channels`).
+    projection:  ``"light"`` (ours) or ``"authors"``: the projection heads
+                 (:func:`~memfl.methods.scalefl.output.projection_head`).
     input_shape: one sample's shape (default: from ``model.arch``; required for other models).
     """
 
@@ -58,8 +61,10 @@ class ScaleFLModel(nn.Module):
         num_classes: int | None = None,
         batch_size: int = 32,
         exit_width: str = "light",
+        projection: str = "light",
     ) -> None:
         super().__init__()
+        self.exit_width, self.projection = exit_width, projection
         arch = dict(getattr(model, "arch", {}) or {})
         if input_shape is None:
             if not {"in_channels", "image_size"} <= arch.keys():
@@ -101,6 +106,7 @@ class ScaleFLModel(nn.Module):
                 model.train(was)
         self.num_classes = num_classes
         ends = self._group_ends()
+        scale = pooled_width(shapes[ends[-1]]) / 512.0  # the authors' head is sized for a 512-wide model
         self.exits = nn.ModuleDict()
         self.projs = nn.ModuleDict()
         for t in range(1, part.blocks + 1):
@@ -111,7 +117,7 @@ class ScaleFLModel(nn.Module):
                 width = exit_.width
             else:
                 width = pooled_width(shape)
-            self.projs[str(t)] = ProjectionHead(width)
+            self.projs[str(t)] = projection_head(projection, width, scale)
         self.register_buffer("exit_stage", torch.tensor(0, dtype=torch.long))
 
     # -- structure -----------------------------------------------------------------------------
@@ -168,24 +174,42 @@ def scalefl_model_fn(
     mode: str = "default",
     input_shape: tuple[int, ...] | None = None,
     batch_size: int = 32,
+    exit_width: str = "light",
+    projection: str = "light",
 ) -> Callable[[Plan], nn.Module]:
     """Wrap a ``plan -> model`` builder so it returns :class:`ScaleFLModel` s (the simulator's global
     and client model for the ``scalefl`` method)."""
 
     def build(plan: Plan) -> nn.Module:
-        return ScaleFLModel(model_fn(plan), blocks, mode=mode, input_shape=input_shape, batch_size=batch_size)
+        return ScaleFLModel(
+            model_fn(plan),
+            blocks,
+            mode=mode,
+            input_shape=input_shape,
+            batch_size=batch_size,
+            exit_width=exit_width,
+            projection=projection,
+        )
 
     return build
 
 
 def stage_client_model(
-    base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4, mode: str = "default", batch_size: int = 32
+    base_factory: Callable[[], nn.Module],
+    stage: int,
+    blocks: int = 4,
+    mode: str = "default",
+    batch_size: int = 32,
+    exit_width: str = "light",
+    projection: str = "light",
 ) -> ScaleFLModel:
     """A stage-``stage`` client's model: a ScaleFLModel whose tensors stage ``stage`` does not use
     (later blocks, other output modules and projection heads, the head before stage T) are freed,
     as on a client that received only what its stage needs. For measuring real memory
     (``functools.partial(stage_client_model, factory, t)`` is picklable)."""
-    sm = ScaleFLModel(base_factory(), blocks, mode=mode, batch_size=batch_size)
+    sm = ScaleFLModel(
+        base_factory(), blocks, mode=mode, batch_size=batch_size, exit_width=exit_width, projection=projection
+    )
     keep: set[str] = set()
     for g in sm.partition.groups[:stage]:
         keep.update(g)
@@ -201,7 +225,13 @@ def stage_client_model(
 
 
 def stage_client_factory(
-    base_factory: Callable[[], nn.Module], stage: int, blocks: int = 4, mode: str = "default", batch_size: int = 32
+    base_factory: Callable[[], nn.Module],
+    stage: int,
+    blocks: int = 4,
+    mode: str = "default",
+    batch_size: int = 32,
+    exit_width: str = "light",
+    projection: str = "light",
 ) -> Callable[[], ScaleFLModel]:
     """Picklable zero-argument factory of :func:`stage_client_model`."""
-    return functools.partial(stage_client_model, base_factory, stage, blocks, mode, batch_size)
+    return functools.partial(stage_client_model, base_factory, stage, blocks, mode, batch_size, exit_width, projection)

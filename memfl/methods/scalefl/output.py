@@ -12,7 +12,10 @@ before the later blocks exist. Its form follows the feature's shape (one sample,
 - ``(F,)`` flat features (an MLP), or any other shape: the feature flattened, a linear head.
 
 A projection head ``P_t`` is Linear -> ReLU -> Linear on the same pooled feature (the mentor's
-label-side view, :mod:`memfl.methods.scalefl.mentor`).
+label-side view, :mod:`memfl.methods.scalefl.mentor`; ``projection = "light"``, ours), or the
+authors' three linear layers without activations, ``width -> 2056 s -> 1024 s -> 512 s`` with ``s``
+the model's width (its last block's pooled width / 512; ``projection = "authors"``,
+:class:`AuthorsProjectionHead`).
 """
 
 from __future__ import annotations
@@ -92,6 +95,36 @@ class ProjectionHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(pooled)))
+
+
+#: the authors' projection head at full width (ResNet, 512-wide pooled feature): 512 -> 2056 -> 1024 -> 512
+AUTHORS_PROJ = (2056, 1024, 512)
+
+
+class AuthorsProjectionHead(nn.Module):
+    """``P_t`` as in the authors' released code: three linear layers, no activations.
+
+    width: the pooled feature's width; scale: the model's width (its last block's pooled width over
+    512), which scales the hidden and output widths (2056, 1024, 512) x scale, each at least 1."""
+
+    def __init__(self, width: int, scale: float = 1.0) -> None:
+        super().__init__()
+        dims = [max(1, round(d * scale)) for d in AUTHORS_PROJ]
+        self.fc1 = nn.Linear(width, dims[0])
+        self.fc2 = nn.Linear(dims[0], dims[1])
+        self.fc3 = nn.Linear(dims[1], dims[2])
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.fc2(self.fc1(pooled)))
+
+
+def projection_head(kind: str, width: int, scale: float = 1.0) -> nn.Module:
+    """``"light"`` (ours, :class:`ProjectionHead`) or ``"authors"`` (:class:`AuthorsProjectionHead`)."""
+    if kind == "light":
+        return ProjectionHead(width)
+    if kind == "authors":
+        return AuthorsProjectionHead(width, scale)
+    raise ValueError(f"scalefl projection {kind!r}: expected 'light' or 'authors'")
 
 
 def exit_channels(shapes: list[tuple[int, ...]], start: int, num_classes: int = 10, width: str = "light") -> list[int]:

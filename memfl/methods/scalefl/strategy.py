@@ -8,7 +8,9 @@ by the Training Harmonizer):
   least ``r_min`` rounds and moves on when the aggregated training loss plateaus -- its
   least-squares slope over the last ``window`` rounds, relative to its mean, improves by less than
   ``plateau`` per round -- or after ``r_max`` rounds (default ``run.rounds // T``, so every stage
-  gets its turn within the run; ``r_min`` is capped at ``r_max``). After stage T the federation
+  gets its turn within the run; ``r_min`` is capped at ``r_max``); ``advance = "movement"``: the
+  authors' effective movement of the active block's sampled parameters over ``movement_window``
+  rounds instead of the loss plateau. After stage T the federation
   keeps training stage T. ``cyclic``: stage = ((round - 1) mod T) + 1, as in the authors' released
   code.
 - **Participation**: a client may train stage t when its predicted stage-t peak
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,11 +60,28 @@ class ScaleFL(Strategy):
         r_max = s.r_max if s.r_max else max(1, rounds // self.T if rounds else 10)
         self.schedule = s.schedule
         # the stage schedule (JSON state, checkpointed)
-        self.scheduler = StageSchedule(s.schedule, self.T, s.r_min, r_max, s.window, s.plateau)
+        self.scheduler = StageSchedule(
+            s.schedule,
+            self.T,
+            s.r_min,
+            r_max,
+            s.window,
+            s.plateau,
+            rule=s.advance,
+            movement_window=s.movement_window,
+            movement_threshold=s.movement_threshold,
+        )
         # the server's reference copy, to name the tensors each stage trains
         self._model = ScaleFLModel(
-            self._reference, self.T, mode=s.partition, input_shape=ctx.input_shape, batch_size=ctx.hparams.batch_size
+            self._reference,
+            self.T,
+            mode=s.partition,
+            input_shape=ctx.input_shape,
+            batch_size=ctx.hparams.batch_size,
+            exit_width=s.exit_width,
+            projection=s.projection,
         )
+        self._movement_index: dict[int, tuple[list[str], np.ndarray]] = {}
         # a model that does not record its input shape gets it in the plan (for the estimator)
         arch = getattr(self._reference, "arch", None) or {}
         self._shape_option = None if {"in_channels", "image_size"} <= arch.keys() else list(ctx.input_shape)
@@ -101,7 +121,13 @@ class ScaleFL(Strategy):
         heads live in the global state dict (stored, aggregated, checkpointed)."""
         s: ScaleFLConfig = ctx.settings or ScaleFLConfig()
         return scalefl_model_fn(
-            model_fn, s.blocks, mode=s.partition, input_shape=tuple(ctx.input_shape), batch_size=ctx.hparams.batch_size
+            model_fn,
+            s.blocks,
+            mode=s.partition,
+            input_shape=tuple(ctx.input_shape),
+            batch_size=ctx.hparams.batch_size,
+            exit_width=s.exit_width,
+            projection=s.projection,
         )
 
     # -- plans ------------------------------------------------------------------------------------
@@ -116,6 +142,17 @@ class ScaleFL(Strategy):
             "gamma": list(s.gamma),
             "sigma": float(s.sigma),
         }
+        # the fidelity switches travel only when not the engine's default (plans stay as before)
+        for key, default in (
+            ("nhsic_scale", "raw"),
+            ("frozen_bn", "eval"),
+            ("exit_width", "light"),
+            ("projection", "light"),
+        ):
+            if getattr(s, key) != default:
+                options[key] = getattr(s, key)
+        if s.lambda1 is not None:
+            options["lambda1"], options["lambda2"] = list(s.lambda1), list(s.lambda2 or [])
         if s.partition == "balanced":
             options["batch_size"] = self.ctx.hparams.batch_size
         if self._shape_option is not None:
@@ -196,11 +233,36 @@ class ScaleFL(Strategy):
             new["exit_stage"] = torch.tensor(self.deepest, dtype=torch.long)
         rep["exit_stage"] = self.deepest
         if self.schedule == "elastic":
-            self._advance(round, rep.get("train_loss"))
+            update = self._sampled_update(stage, global_params, new) if results else None
+            self._advance(round, rep.get("train_loss"), update)
         return new
 
-    def _advance(self, round: int, loss: float | None) -> None:
-        reason = self.scheduler.advance(round, loss)
+    def _sampled_update(
+        self, stage: int, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
+    ) -> np.ndarray | None:
+        """The movement rule's view of a round: ``new - old`` at up to ``movement_samples`` parameter
+        elements of block ``stage`` (a seeded sample per stage, fixed for the run)."""
+        if self.settings.advance != "movement":
+            return None
+        if stage not in self._movement_index:
+            part = self._model.partition
+            keys = sorted(n for n, p in self._model.named_parameters() if part.block_of(n) == stage)
+            total = sum(int(old[k].numel()) for k in keys if k in old)
+            k = min(self.settings.movement_samples, total)
+            rng = np.random.default_rng([int(self.ctx.seed), stage, 0x3E])
+            idx = np.sort(rng.choice(total, size=k, replace=False)) if k < total else np.arange(total)
+            self._movement_index[stage] = (keys, idx)
+        keys, idx = self._movement_index[stage]
+        flat = [(new[k].detach().float() - old[k].detach().float()).reshape(-1) for k in keys if k in old]
+        if not flat:
+            return None
+        return torch.cat(flat).numpy()[idx]
+
+    def _advance(self, round: int, loss: float | None, update: np.ndarray | None = None) -> None:
+        reason = self.scheduler.advance(round, loss, update)
+        mv = self.scheduler.last_movement
+        if mv is not None:
+            self._report[round]["movement"] = mv
         if reason:
             self._report[round]["advanced"] = reason
 
@@ -216,6 +278,7 @@ class ScaleFL(Strategy):
             "losses": sched["losses"],
             "deepest": self.deepest,
             "transitions": sched["transitions"],
+            **({"updates": sched["updates"]} if "updates" in sched else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
