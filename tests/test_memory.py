@@ -245,3 +245,22 @@ def test_measure_unguarded_script_message(tmp_path):
     )
     assert '__name__ == "__main__"' in out.stdout, out.stdout + out.stderr
     assert "re-imports the main script" in out.stdout
+
+
+def test_time_steps_times_plans_interleaved_without_the_mmap_threshold(monkeypatch) -> None:
+    """Step timing runs in its own child with the trainer's allocator (no mmap threshold), the
+    caller's threads, CPU and wall medians per plan."""
+    from memfl.memory import StepTiming, time_steps
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    hybrid = Plan(kind="hybrid", options={"fused_step": True})
+    t = time_steps(small_cnn, (8, 3, 32, 32), {"full": Plan(), "plan": hybrid}, steps=5, warmup=1)
+    assert isinstance(t, StepTiming)
+    assert set(t.cpu_seconds) == set(t.wall_seconds) == {"full", "plan"}
+    assert all(v > 0 for v in [*t.cpu_seconds.values(), *t.wall_seconds.values()])
+    assert t.steps == 5 and t.warmup == 1 and t.threads == torch.get_num_threads()
+    assert t.mmap_threshold is None  # the memory measurement's setting does not leak into timing
+    assert t.ratio("plan") == pytest.approx(t.cpu_seconds["plan"] / t.cpu_seconds["full"])
+    assert t.to_json()["cpu_seconds"]["full"] == t.cpu_seconds["full"]
+    with pytest.raises(ValueError):
+        time_steps(small_cnn, (8, 3, 32, 32), {"full": Plan()}, steps=0)

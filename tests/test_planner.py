@@ -176,3 +176,27 @@ def test_memory_cli_solves_budget_plans(capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["kind"] in ("hybrid", "full")
+
+
+def test_profile_calibrates_its_times_against_whole_steps():
+    """With timing, the isolated forward / pack costs are scaled by whole training steps (the
+    trainer's step, interleaved); the factors are kept; old profiles read ``calibration`` None."""
+    model = _block_model()
+    shape = (8, 3, 16, 16)
+    raw = profile_model(model, shape, timing=True, reps=1, calibrate_steps=0)
+    assert raw.calibration is None and raw.timed
+    prof = profile_model(model, shape, timing=True, reps=1, calibrate_steps=1)
+    cal = prof.calibration
+    assert cal is not None and {"recompute", "q8", "q4", "q2", "step_cpu_seconds"} <= set(cal)
+    assert set(cal["step_cpu_seconds"]) == {"full", "base", "recompute", "q8", "q2"}
+    assert all(cal[k] >= 0 for k in ("recompute", "q8", "q4", "q2"))
+    assert cal["q4"] == pytest.approx((cal["q8"] + cal["q2"]) / 2)
+    assert prof.step_seconds == cal["step_cpu_seconds"]["full"]
+    assert prof.fused_seconds >= 0
+    # every segment's cost in a mode is scaled by that mode's factor (the fit lines too)
+    a, b = prof.pack_fit["q2"]
+    assert b >= 0 and a >= 0
+    again = ModelProfile.from_json(json.loads(json.dumps(prof.to_json())))
+    assert again.calibration["recompute"] == cal["recompute"]
+    old = ModelProfile.__new__(ModelProfile)  # a profile pickled before the field existed
+    assert old.calibration is None

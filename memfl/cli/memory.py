@@ -10,10 +10,11 @@ from typing import Any
 from rich.console import Console
 
 from memfl.cli.common import UsageError, model_factory, parse_plan, parse_shape
+from memfl.core.protocol import Plan
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from memfl.memory import estimate, measure
+    from memfl.memory import estimate, measure, time_steps
 
     if args.batch < 1:
         raise UsageError("--batch must be >= 1")
@@ -39,8 +40,15 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.measure:
         m = measure(factory, input_shape, optimizer=args.optimizer, plan=plan, device=args.device)
         out["measured_peak_bytes"] = m.peak_bytes
-        out["step_seconds"] = m.step_seconds
         out["error_pct"] = 100 * (est.peak_bytes - m.peak_bytes) / m.peak_bytes
+        if args.device == "cpu":
+            # step times the way training runs (another child: the trainer's allocator and threads)
+            # (against full training for a hybrid plan: same model; a stage/width client is its own model)
+            plans = {"full": Plan(), "plan": plan} if plan.kind == "hybrid" else {"plan": plan}
+            t = time_steps(factory, input_shape, plans, optimizer=args.optimizer, steps=args.time_steps)
+            out.update(timing_json(t))
+        else:
+            out["step_seconds"] = m.step_seconds  # wall, in the measuring child (CUDA synchronised)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -56,7 +64,48 @@ def cmd_memory(args: argparse.Namespace) -> int:
         table.add_row("[bold]measured peak[/bold]", f"[bold]{out['measured_peak_bytes'] / 2**20:.2f}[/bold]")
         table.add_row("error", f"{out['error_pct']:+.1f}%")
     Console().print(table)
+    if args.measure and "step_cpu_seconds" in out:
+        Console().print(timing_line(out))
     return 0
+
+
+def timing_json(t: Any, name: str = "plan") -> dict[str, Any]:
+    """The JSON keys of a :class:`~memfl.memory.StepTiming` of ``{"full": ..., name: ...}``:
+    ``step_seconds`` / ``measured_full_step_seconds`` / ``step_time_ratio`` are CPU seconds (the
+    trainer's clock on CPU), with ``_cpu`` and ``_wall`` variants, and the timing's thread count."""
+    out = {
+        "step_seconds": t.cpu_seconds[name],
+        "step_cpu_seconds": t.cpu_seconds[name],
+        "step_wall_seconds": t.wall_seconds[name],
+        "timing_threads": t.threads,
+        "timing_steps": t.steps,
+        "timing_mmap_threshold": t.mmap_threshold,
+    }
+    if "full" in t.cpu_seconds:
+        out.update(
+            measured_full_step_seconds=t.cpu_seconds["full"],
+            full_step_cpu_seconds=t.cpu_seconds["full"],
+            full_step_wall_seconds=t.wall_seconds["full"],
+            step_time_ratio=t.ratio(name, clock="cpu"),
+            step_time_ratio_cpu=t.ratio(name, clock="cpu"),
+            step_time_ratio_wall=t.ratio(name, clock="wall"),
+        )
+    return out
+
+
+def timing_line(out: dict[str, Any]) -> str:
+    """One line for the console: the plan's step against full training, CPU and wall."""
+    vs = (
+        f" vs full {out['full_step_cpu_seconds']:.3f} / {out['full_step_wall_seconds']:.3f} s = "
+        f"{out['step_time_ratio_cpu']:.2f}x CPU, {out['step_time_ratio_wall']:.2f}x wall"
+        if "full_step_cpu_seconds" in out
+        else ""
+    )
+    return (
+        f"step {out['step_cpu_seconds']:.3f} CPU s / {out['step_wall_seconds']:.3f} wall s{vs} "
+        f"(median of {out['timing_steps']} interleaved steps, {out['timing_threads']} thread(s), "
+        "trainer's allocator)"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,5 +118,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default="full", help="full | stage:T | budget:X (see docs)")
     p.add_argument("--measure", action="store_true", help="also measure a few real steps in a subprocess")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--time-steps", dest="time_steps", type=int, default=5, help="timed steps per plan with --measure (median)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_memory)

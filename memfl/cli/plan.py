@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from memfl.cli.common import UsageError, model_factory, parse_shape
+from memfl.cli.memory import timing_json, timing_line
 from memfl.core.protocol import Plan
 from memfl.methods.fedhybrid.planner import DEFAULT_MARGIN, DEFAULT_MIN_BITS, InfeasibleBudget
 from memfl.methods.fedhybrid.solve import MB, segment_rows, solve_for_model
@@ -53,18 +54,28 @@ def cmd_plan(args: Any) -> int:
         "segments": segment_rows(prof, choice, args.speed),
         "solve_seconds": choice.solve_seconds,
         "speed": args.speed,
+        # the profile's time model: isolated timings scaled by whole steps (profile.calibrate)
+        "time_model_calibration": prof.calibration,
     }
     if args.measure:
-        from memfl.memory import measure
+        from memfl.memory import measure, time_steps
 
         m = measure(factory, input_shape, optimizer=args.optimizer, plan=choice.plan, steps=args.steps)
         f = measure(factory, input_shape, optimizer=args.optimizer, plan=Plan(), steps=args.steps)
         out["measured_peak_bytes"] = m.peak_bytes
         out["measured_full_peak_bytes"] = f.peak_bytes
-        out["step_seconds"] = m.step_seconds
-        out["measured_full_step_seconds"] = f.step_seconds
-        out["step_time_ratio"] = m.step_seconds / f.step_seconds
         out["fits"] = m.peak_bytes <= choice.budget_bytes
+        # step times the way training runs: another child, the trainer's allocator and threads,
+        # full and plan interleaved (the memory child's mmap threshold slows steps)
+        t = time_steps(
+            factory,
+            input_shape,
+            {"full": Plan(), "plan": choice.plan},
+            optimizer=args.optimizer,
+            steps=args.time_steps,
+            warmup=1,
+        )
+        out.update(timing_json(t))
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -93,8 +104,7 @@ def cmd_plan(args: Any) -> int:
     if args.measure:
         console.print(
             f"measured peak {out['measured_peak_bytes'] / MB:.1f} MB "
-            f"({'fits' if out['fits'] else 'DOES NOT FIT'}); step {out['step_seconds']:.3f} s vs "
-            f"full {out['measured_full_step_seconds']:.3f} s = {out['step_time_ratio']:.2f}x"
+            f"({'fits' if out['fits'] else 'DOES NOT FIT'}); " + timing_line(out)
         )
     return 0
 
@@ -126,7 +136,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MIN_BITS,
         help="accuracy guard: lowest average bits a segment may be compressed to",
     )
-    p.add_argument("--steps", type=int, default=3, help="training steps per measurement")
+    p.add_argument("--steps", type=int, default=3, help="training steps per memory measurement")
+    p.add_argument(
+        "--time-steps",
+        dest="time_steps",
+        type=int,
+        default=5,
+        help="timed steps per plan (median, after one warm-up) in the step-timing child",
+    )
     p.add_argument("--measure", action="store_true", help="also measure the plan and full training")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)

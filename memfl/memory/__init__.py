@@ -10,11 +10,13 @@ the measurement counts.
 >>> est = estimate(build_model("cnn"), (32, 1, 28, 28))
 >>> est.peak_bytes, est.breakdown()
 >>> meas = measure(partial(build_model, "cnn"), (32, 1, 28, 28))   # fresh subprocess
+>>> t = time_steps(partial(build_model, "cnn"), (32, 1, 28, 28), {"full": Plan(), "plan": plan})
+>>> t.ratio("plan")   # CPU seconds per step, as training runs (another fresh subprocess)
 """
 
 from memfl.memory.estimate import RUNTIME_OVERHEAD_BYTES, MemoryEstimate, estimate, tensor_bytes
 from memfl.memory.inputs import InputSpec, input_spec, random_input
-from memfl.memory.measure import MeasurementError, MemoryMeasurement, measure
+from memfl.memory.measure import MeasurementError, MemoryMeasurement, StepTiming, measure, time_steps
 
 __all__ = [
     "RUNTIME_OVERHEAD_BYTES",
@@ -22,9 +24,11 @@ __all__ = [
     "MeasurementError",
     "MemoryEstimate",
     "MemoryMeasurement",
+    "StepTiming",
     "estimate",
     "input_spec",
     "measure",
     "random_input",
+    "time_steps",
     "tensor_bytes",
 ]

@@ -1,4 +1,14 @@
-"""Measure the real peak memory of a few training steps in a fresh subprocess.
+"""Measure the real peak memory of a few training steps in a fresh subprocess, and (separately)
+time training steps the way training runs.
+
+Step timing (:func:`time_steps`) uses *another* fresh process, not the memory child: the memory
+child's ``MALLOC_MMAP_THRESHOLD_`` (below) makes every large allocation fault its pages in again,
+which slows a step by about a third and allocation-heavy plans (recompute, pack/unpack) most, so
+its ``step_seconds`` is no training speed. The timing child inherits the caller's environment
+(glibc's default allocator, as the trainer and the worker pool run) and thread count, builds one
+model, runs every plan interleaved round-robin (:func:`interleaved_step_times`, the trainer's
+step and optimizer) and reports per plan the median CPU (``time.process_time``, the trainer's
+clock on CPU) and wall seconds of ``steps`` steps after a warm-up.
 
 What is measured
 ----------------
@@ -86,7 +96,10 @@ class MemoryMeasurement:
     peak_bytes:     peak growth over the baseline during model build + the training steps.
     baseline_bytes: RSS (CPU) or allocated bytes (CUDA) at the baseline, after runtime warm-up.
     steps:          training steps run.
-    step_seconds:   mean wall time per step after the first (the first step when ``steps == 1``).
+    step_seconds:   mean wall time per step after the first (the first step when ``steps == 1``),
+                    in the measuring child: with ``MALLOC_MMAP_THRESHOLD_`` set, which slows steps
+                    (ResNet-18, batch 64: +37%), allocation-heavy plans most. Not training speed:
+                    use :func:`time_steps`.
     device:         where it ran (``cpu``, ``cpu (sampled)`` or ``cuda:N``).
     """
 
@@ -284,9 +297,9 @@ def _child_measure(
     }
 
 
-def _child_main(conn: Any, args: tuple) -> None:
+def _child_main(conn: Any, target: Callable[..., dict[str, Any]], args: tuple) -> None:
     try:
-        result = ("ok", _child_measure(*args))
+        result = ("ok", target(*args))
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         result = ("error", f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
     try:
@@ -346,8 +359,6 @@ def measure(
         raise ValueError("steps must be >= 1")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
-    ctx = mp.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
     spec = input_spec(None, example) if example is not None else None
     args = (
         model_fn,
@@ -361,10 +372,200 @@ def measure(
         int(torch.get_num_threads()),
         spec,
     )
-    proc = ctx.Process(target=_child_main, args=(child_conn, args), daemon=True, name="memfl-measure")
-    # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only.
+    payload = _spawn(_child_measure, args, timeout=timeout, mmap_threshold=True, what="memory measurement")
+    return MemoryMeasurement(**payload)
+
+
+# ------------------------------------------------------------------------------ step timing
+
+
+@dataclass
+class StepTiming:
+    """Result of :func:`time_steps`: per-step times of several plans, timed the way training runs.
+
+    cpu_seconds:  per plan, the median CPU seconds of one step (``time.process_time``: user + system
+                  of the process, all threads -- the trainer's clock on CPU).
+    wall_seconds: per plan, the median wall seconds of one step (``time.perf_counter``).
+    steps:        timed steps per plan (after ``warmup`` untimed ones each).
+    threads:      torch threads in the timing process.
+    mmap_threshold: ``MALLOC_MMAP_THRESHOLD_`` in the timing process (None: glibc's default, as
+                  the trainer and the worker pool run).
+    """
+
+    cpu_seconds: dict[str, float]
+    wall_seconds: dict[str, float]
+    steps: int
+    warmup: int
+    threads: int
+    mmap_threshold: str | None = None
+
+    def ratio(self, name: str, reference: str = "full", clock: str = "cpu") -> float:
+        """Step time of ``name`` over that of ``reference`` on ``clock`` (``cpu`` or ``wall``)."""
+        t = self.cpu_seconds if clock == "cpu" else self.wall_seconds
+        return t[name] / t[reference] if t[reference] else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def interleaved_step_times(
+    model: Any,
+    x: Any,
+    y: Any,
+    plans: dict[str, Plan],
+    *,
+    optimizer: str = "sgd",
+    lr: float = 0.0,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    steps: int = 5,
+    warmup: int = 1,
+) -> dict[str, dict[str, list[float]]]:
+    """Time training steps of ``model`` under each plan, in this process, interleaved round-robin
+    (``warmup`` untimed steps per plan, then ``steps`` rounds of one step per plan) so that the load
+    of a shared machine hits every plan alike. A step is the trainer's: ``zero_grad``, the forward
+    (inside ``saved_tensors()`` when the step has one), backward, ``opt.step()``; the optimizer is
+    :func:`~memfl.core.optim.make_step_optimizer`'s (a fused plan's hooks are attached only while it
+    runs). ``lr`` 0 by default: the parameters do not change. Returns per plan ``{"cpu": [...],
+    "wall": [...]}`` (seconds per step)."""
+    from memfl.core.engine import prepare
+    from memfl.core.optim import make_step_optimizer
+
+    model.train()
+    prepared = {name: prepare(model, plan) for name, plan in plans.items()}
+    opts = {
+        name: make_step_optimizer(
+            ts, [p for _, p in ts.trainable], optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        for name, ts in prepared.items()
+    }
+    for opt in opts.values():
+        if hasattr(opt, "remove"):
+            opt.remove()
+
+    def one(name: str) -> tuple[float, float]:
+        ts, opt = prepared[name], opts[name]
+        if hasattr(opt, "attach"):
+            opt.attach()
+        c0, w0 = time.process_time(), time.perf_counter()
+        _train_step(ts, opt, x, y)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        if hasattr(opt, "remove"):
+            opt.remove()
+        return cpu, wall
+
+    for _ in range(warmup):
+        for name in prepared:
+            one(name)
+    out: dict[str, dict[str, list[float]]] = {name: {"cpu": [], "wall": []} for name in plans}
+    for _ in range(steps):
+        for name in prepared:
+            cpu, wall = one(name)
+            out[name]["cpu"].append(cpu)
+            out[name]["wall"].append(wall)
+    return out
+
+
+def _child_time(
+    model_fn: Callable[[], Any],
+    input_shape: tuple[int, ...],
+    plans: dict[str, Plan],
+    optimizer: str,
+    steps: int,
+    warmup: int,
+    momentum: float,
+    weight_decay: float,
+    num_threads: int,
+    spec: InputSpec | None,
+) -> dict[str, Any]:
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(0)
+    model = model_fn()
+    spec = spec if spec is not None else input_spec(model)
+    with torch.no_grad():
+        model.eval()
+        num_classes = int(model(random_input((min(2, input_shape[0]), *input_shape[1:]), spec)).shape[-1])
+    x = random_input(tuple(input_shape), spec)
+    y = torch.randint(0, num_classes, (input_shape[0],))
+    times = interleaved_step_times(
+        model,
+        x,
+        y,
+        plans,
+        optimizer=optimizer,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        steps=steps,
+        warmup=warmup,
+    )
+    return {
+        "cpu_seconds": {k: float(statistics.median(v["cpu"])) for k, v in times.items()},
+        "wall_seconds": {k: float(statistics.median(v["wall"])) for k, v in times.items()},
+        "steps": steps,
+        "warmup": warmup,
+        "threads": int(torch.get_num_threads()),
+        "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
+
+
+def time_steps(
+    model_fn: Callable[[], Any],
+    input_shape: tuple[int, ...],
+    plans: dict[str, Plan],
+    *,
+    optimizer: str = "sgd",
+    steps: int = 5,
+    warmup: int = 1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    timeout: float = 1800,
+    example: Any = None,
+) -> StepTiming:
+    """Step times of ``plans`` (e.g. ``{"full": Plan(), "plan": p}``) measured the way training
+    runs: a fresh spawned process with the caller's environment (no ``MALLOC_MMAP_THRESHOLD_``
+    of its own: glibc's default allocator, as :class:`~memfl.core.trainer.LocalTrainer` and the
+    worker pool run) and the caller's torch thread count; one model, the plans interleaved
+    round-robin (:func:`interleaved_step_times`), the median of ``steps`` (>= 5 advised) steps per
+    plan after ``warmup`` untimed ones; CPU and wall seconds. CPU only."""
+    import torch
+
+    if steps < 1 or warmup < 0:
+        raise ValueError("steps must be >= 1 and warmup >= 0")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
+    spec = input_spec(None, example) if example is not None else None
+    args = (
+        model_fn,
+        tuple(int(s) for s in input_shape),
+        dict(plans),
+        optimizer,
+        int(steps),
+        int(warmup),
+        float(momentum),
+        float(weight_decay),
+        int(torch.get_num_threads()),
+        spec,
+    )
+    payload = _spawn(_child_time, args, timeout=timeout, mmap_threshold=False, what="step timing")
+    return StepTiming(**payload)
+
+
+def _spawn(
+    target: Callable[..., dict[str, Any]], args: tuple, *, timeout: float, mmap_threshold: bool, what: str
+) -> dict:
+    """Run ``target(*args)`` in a fresh spawned process; return its dict (errors re-raised here)."""
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child_conn, target, args), daemon=True, name="memfl-measure")
+    # glibc reads MALLOC_MMAP_THRESHOLD_ at process start: set it for the child only (the memory
+    # measurement); a timing child inherits the caller's environment, as the trainer does.
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    if mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     fd, note = tempfile.mkstemp(prefix="memfl-measure-", suffix=".txt")
     os.close(fd)
     saved_note = os.environ.get(_REENTRY_ENV)
@@ -392,7 +593,7 @@ def measure(
         while result is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"memory measurement did not finish within {timeout:g} s (child killed)")
+                raise TimeoutError(f"{what} did not finish within {timeout:g} s (child killed)")
             if parent_conn.poll(min(remaining, 0.2)):
                 try:
                     result = parent_conn.recv()
@@ -412,8 +613,7 @@ def measure(
     if status == "died":
         if reentered:
             raise MeasurementError(
-                "memory measurement child died without a result: "
-                + _UNGUARDED_HINT.format(script=f"the script {reentered}")
+                f"{what} child died without a result: " + _UNGUARDED_HINT.format(script=f"the script {reentered}")
             )
         hint = "killed for memory?" if proc.exitcode in (-9, 137) else "see its traceback above"
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -421,10 +621,10 @@ def measure(
             hint += "; if it mentions the bootstrapping phase, " + _UNGUARDED_HINT.format(
                 script=f"the script {main_file}"
             )
-        raise MeasurementError(f"memory measurement child died without a result (exit code {proc.exitcode}; {hint})")
+        raise MeasurementError(f"{what} child died without a result (exit code {proc.exitcode}; {hint})")
     if status == "error":
-        raise MeasurementError(f"memory measurement child failed:\n{payload}")
-    return MemoryMeasurement(**payload)
+        raise MeasurementError(f"{what} child failed:\n{payload}")
+    return payload
 
 
 _UNGUARDED_HINT = (

@@ -5,8 +5,11 @@ full-training peak is *measured* (fresh subprocess, peak RSS); budgets are 75/50
 each budget the planner (exact ILP, verified against ``memfl.memory.estimate`` with the default 3%
 margin; ``--quick``: also a 3 MiB slack) gives a plan, or says the budget is infeasible and names the smallest
 feasible budget.
-Each plan's peak is measured for real (fresh subprocess, peak RSS); step times are measured in
-this process with all plans interleaved round-robin (median per plan), one thread. Baselines,
+Each plan's peak is measured for real (fresh subprocess, peak RSS); step times are measured the
+way training runs (``memfl.memory.time_steps``: one more fresh process, the trainer's allocator,
+all plans interleaved round-robin, median of 6 steps per plan after a warm-up, CPU and wall
+time), one thread. Predicted ratios come from the planner's time model, calibrated by whole steps
+in the profile (``memfl.methods.fedhybrid.profile.calibrate``). Baselines,
 measured the same way: recompute every segment, and uniform 2-bit compression of every segment.
 A row of the smallest-peak plan shows the floor.
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 from memfl.bench.hybrid.common import machine, mb, mode_summary
 from memfl.core.protocol import Plan
-from memfl.memory import measure
+from memfl.memory import StepTiming, measure, time_steps
 from memfl.methods.fedhybrid.planner import (
     DEFAULT_MARGIN,
     SMALL_MODEL_SLACK_BYTES,
@@ -108,61 +111,16 @@ def solver_scaling(sizes=(9, 17, 50, 100, 200)) -> list[dict[str, Any]]:
     return rows
 
 
-def time_plans(
-    factory, shape: tuple[int, ...], plans: dict[str, Plan], rounds: int = 5, steps: int = 2
-) -> dict[str, float]:
-    """Median CPU seconds (``time.process_time``: user + system time of this process, all threads)
-    of one training step (forward, backward, SGD-momentum step) per plan, in this process, the
-    plans interleaved round-robin so that the load of the shared machine hits all of them alike
-    (CPU time does not count waiting for a core, which dominates wall time on the loaded 2-core
-    machine: the same step took 3.6-8.1 s wall, 2.4-2.6 s CPU) (the memory measurement's subprocess runs with an
-    mmap threshold that makes every
-    allocation fault its pages in, which inflates the time of allocation-heavy plans)."""
-    import contextlib
-    import statistics
-
-    import torch
-
-    from memfl.core.engine import prepare
-    from memfl.core.optim import make_step_optimizer
-
-    torch.manual_seed(0)
-    model = factory()
-    model.train()
-    x = torch.randn(*shape)
-    y = torch.randint(0, 10, (shape[0],))
-    prepared = {name: prepare(model, plan) for name, plan in plans.items()}
-    # one optimizer per plan (a fused plan's hooks are attached only while it runs)
-    opts = {
-        name: make_step_optimizer(ts, list(model.parameters()), "sgd", lr=1e-6, momentum=0.9)
-        for name, ts in prepared.items()
-    }
-    for opt in opts.values():
-        if hasattr(opt, "remove"):
-            opt.remove()
-
-    def step(name: str) -> float:
-        ts, opt = prepared[name], opts[name]
-        if hasattr(opt, "attach"):
-            opt.attach()
-        t0 = time.process_time()
-        opt.zero_grad(set_to_none=True)
-        with (ts.saved_tensors or contextlib.nullcontext)():
-            loss, _ = ts.loss(x, y)
-        loss.backward()
-        opt.step()
-        seconds = time.process_time() - t0
-        if hasattr(opt, "remove"):
-            opt.remove()
-        return seconds
-
-    times: dict[str, list[float]] = {name: [] for name in plans}
-    for name in prepared:
-        step(name)  # warm-up
-    for _ in range(rounds):
-        for name in prepared:
-            times[name] += [step(name) for _ in range(steps)]
-    return {name: statistics.median(v) for name, v in times.items()}
+def time_plans(factory, shape: tuple[int, ...], plans: dict[str, Plan], steps: int = 6) -> StepTiming:
+    """Per-plan step times measured the way training runs (:func:`memfl.memory.time_steps`): a
+    fresh process with the trainer's allocator (no ``MALLOC_MMAP_THRESHOLD_``: the memory
+    measurement's child sets it, which slows steps by a third and allocation-heavy plans most)
+    and this process's thread count, one model, every plan interleaved round-robin so that the
+    load of the shared machine hits all of them alike, one warm-up step each, then the median of
+    ``steps`` steps per plan, CPU time (``time.process_time``, the trainer's clock on CPU: waiting
+    for a core, which dominates wall time on the loaded 2-core machine, is not counted) and wall
+    time."""
+    return time_steps(factory, shape, plans, optimizer="sgd", steps=steps, warmup=1, momentum=0.9)
 
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
@@ -245,15 +203,22 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             flush=True,
         )
 
-    times = time_plans(factory, shape, plans, rounds=2 if quick else 4)
+    timing = time_plans(factory, shape, plans, steps=3 if quick else 6)
+    times = timing.cpu_seconds
     ratio = {name: t / times["full"] for name, t in times.items()}
+    wall_ratio = {name: timing.ratio(name, clock="wall") for name in times}
+
+    def put(d: dict[str, Any], key: str) -> None:
+        d["step_seconds"], d["step_time_ratio"] = times[key], ratio[key]
+        d["step_wall_seconds"], d["step_time_ratio_wall"] = timing.wall_seconds[key], wall_ratio[key]
+        d["predicted_vs_measured"] = d["predicted_step_time_ratio"] / ratio[key] - 1
+
     for name, b in baselines.items():
-        b["step_seconds"], b["step_time_ratio"] = times[name], ratio[name]
-    floor["step_seconds"], floor["step_time_ratio"] = times["floor"], ratio["floor"]
+        put(b, name)
+    put(floor, "floor")
     for row in rows:
         if row["feasible"]:
-            key = f"{row['fraction']:.2f}"
-            row["step_seconds"], row["step_time_ratio"] = times[key], ratio[key]
+            put(row, f"{row['fraction']:.2f}")
     print("[hybrid-fit] step time vs full: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()), flush=True)
 
     half = next(r for r in rows if r["fraction"] == 0.5)
@@ -271,8 +236,12 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
             "estimated_peak_bytes": full_est,
             "measured_peak_bytes": full.peak_bytes,
             "step_seconds": times["full"],
+            "step_wall_seconds": timing.wall_seconds["full"],
             "profiled_step_seconds": prof.step_seconds,
         },
+        "timing": timing.to_json(),
+        "calibration": prof.calibration,
+        "time_model_within_10pct": all(abs(r["predicted_vs_measured"]) <= 0.10 for r in rows if r["feasible"]),
         "baselines": baselines,
         "floor": floor,
         "rows": rows,
@@ -302,8 +271,12 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
         f"(estimated {mb(full['estimated_peak_bytes'])} MB), step {full['step_seconds']:.2f} CPU s. Budgets are "
         f"fractions of the measured peak; plans are verified against the estimator with a "
         f"{s['margin']:.0%} margin{' and a ' + mb(s['slack_bytes']) + ' MB slack' if s.get('slack_bytes') else ''}, then measured in a fresh subprocess (peak RSS). Step times: median of "  # noqa: E501
-        "interleaved steps in one process, CPU time (user + system; wall time on the shared machine mostly measures "
-        "the wait for a core), 1 thread (2 OpenMP threads on the 2 shared cores stall under load).",
+        f"{s['timing']['steps']} interleaved steps per plan (after one warm-up) in one fresh process with "
+        "the trainer's allocator (no mmap threshold), CPU time (user + system, the trainer's clock; wall "
+        "time on the shared machine mostly measures the wait for a core), "
+        f"{s['timing']['threads']} thread(s) (2 OpenMP threads on the 2 shared cores stall under load). "
+        "Predicted ratios: the planner's time model, calibrated by whole steps in the profile "
+        "(docs/FEDHYBRID.md).",
         "",
         "| budget | plan | predicted peak MB | measured peak MB | fits | step time vs full (measured / predicted) "
         "| recompute-all fits (plain / fused step) | uniform 2-bit fits (plain / fused step) |",
@@ -366,7 +339,9 @@ def _markdown(s: dict[str, Any], out: Path, quick: bool) -> str:
     lines += [
         "",
         f"Goal: at 50% of the full peak, <= {s['goal']['ratio_at_half']}x the full step time: {verdict}. "
-        f"Measured peak <= budget in every feasible row: {'yes' if s['all_fit'] else '**no**'}.",
+        f"Measured peak <= budget in every feasible row: {'yes' if s['all_fit'] else '**no**'}. "
+        f"Predicted step-time ratio within 10% of the measured one in every feasible row: "
+        f"{'yes' if s['time_model_within_10pct'] else '**no**'}.",
         "",
     ]
     return "\n".join(lines)

@@ -121,6 +121,10 @@ class ModelProfile:
     #: seconds a step fused into backward adds: one optimizer call per parameter instead of one
     #: for all (Python and dispatch overhead; measured with the timings)
     fused_seconds: float = 0.0
+    #: how the isolated timings were calibrated against whole training steps (:func:`calibrate`):
+    #: ``{"recompute": k, "q8": k, "q4": k, "q2": k, ...}`` (None: not calibrated). A class-level
+    #: default, so profiles pickled before the field existed read None.
+    calibration: dict[str, Any] | None = None
 
     @property
     def head(self) -> int:
@@ -330,11 +334,15 @@ def profile_model(
     timing: bool = True,
     reps: int = 3,
     num_classes: int | None = None,
+    calibrate_steps: int = 3,
 ) -> ModelProfile:
     """Profile ``model`` (left untouched: a copy is profiled) at ``input_shape`` (with the batch).
 
     timing: also measure forward, compression and full-step times (a few seconds for ResNet-18 at
             batch 64 on 2 cores); False gives the memory structure only (what the estimator needs).
+    calibrate_steps: with ``timing``, :func:`calibrate` the isolated timings against this many
+            whole training steps per calibration plan (0: no calibration; ResNet-18 at batch 64,
+            one thread: about 20 steps, a minute or two).
     """
     model = copy.deepcopy(model)
     model.train()
@@ -479,7 +487,83 @@ def profile_model(
         seg.fwd_seconds = statistics.median(fwd[i])
     opt.zero_grad(set_to_none=True)
     prof.timed = True
+    if calibrate_steps > 0:
+        calibrate(prof, model, x, y, steps=calibrate_steps)
     return prof
+
+
+#: plan options of the calibration plans: the planner's (mixed widths, at least 2 bits a channel)
+CALIBRATION_OPTIONS = {"mixed": True, "min_bits": 2}
+
+
+def calibrate(prof: ModelProfile, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 3) -> None:
+    """Scale the profile's isolated timings (a segment's forward alone, pack + unpack of one tensor
+    alone) to what they cost inside whole training steps, measured the way training runs.
+
+    Whole steps of ``model`` -- the trainer's step (:func:`memfl.memory.measure.interleaved_step_times`:
+    :func:`~memfl.core.engine.prepare`, ``make_step_optimizer``, CPU time, interleaved round-robin,
+    median of ``steps`` after one warm-up, this process's allocator and threads) -- under: full
+    training; the optimizer step fused into backward alone (``base``; the planner fuses every hybrid
+    plan when the optimizer allows); and ``base`` with every segment recomputed, q8 and q2. Then
+
+    - ``step_seconds`` = the full step (the reference of every step-time ratio);
+    - ``fused_seconds`` = max(0, base - full);
+    - per mode, ``k = (step(mode everywhere) - base) / sum over segments of the isolated cost``,
+      and every segment's cost in that mode is multiplied by ``k`` (q4: the mean of the q8 and q2
+      factors). Inside a step the cost is not the isolated one: a recompute reuses warm caches and
+      oneDNN primitives, the packed codes replace the float tensor (freeing it early saves what
+      the allocator would have spent), and a fused step frees gradients as it goes.
+
+    The factors are kept in ``prof.calibration``; the relative costs of segments stay those of the
+    isolated timings."""
+    from memfl.core.protocol import Plan
+    from memfl.memory.measure import interleaved_step_times
+
+    names = prof.names
+    fused = prof.optimizer in ("sgd", "adam")  # memfl.methods.fedhybrid.planner.fusable
+    options = dict(CALIBRATION_OPTIONS, **({"fused_step": True} if fused else {}))
+
+    def uniform(mode: str) -> Plan:
+        return Plan(kind="hybrid", segments={n: mode for n in names}, options=dict(options))
+
+    plans = {"full": Plan()}
+    if fused:
+        plans["base"] = Plan(kind="hybrid", options=dict(options))
+    plans.update(recompute=uniform("recompute"), q8=uniform("q8"), q2=uniform("q2"))
+    times = interleaved_step_times(
+        model, x, y, plans, optimizer=prof.optimizer, lr=0.0, momentum=prof.momentum, steps=steps, warmup=1
+    )
+    med = {k: statistics.median(v["cpu"]) for k, v in times.items()}
+    full = med["full"]
+    base = med.get("base", full)
+    cal: dict[str, Any] = {
+        "steps": steps,
+        "clock": "process_time",
+        "step_cpu_seconds": med,
+        "isolated_step_seconds": prof.step_seconds,
+        "isolated_fused_seconds": prof.fused_seconds,
+    }
+    prof.step_seconds = full
+    if fused:
+        prof.fused_seconds = max(0.0, base - full)
+
+    def factor(extra: float, isolated: float) -> float:
+        return max(0.0, extra) / isolated if isolated > 0 else 1.0
+
+    k = {
+        "recompute": factor(med["recompute"] - base, sum(sg.fwd_seconds for sg in prof.segments)),
+        "q8": factor(med["q8"] - base, sum(sg.pack_seconds.get("q8", 0.0) for sg in prof.segments)),
+        "q2": factor(med["q2"] - base, sum(sg.pack_seconds.get("q2", 0.0) for sg in prof.segments)),
+    }
+    k["q4"] = (k["q8"] + k["q2"]) / 2
+    for sg in prof.segments:
+        sg.fwd_seconds *= k["recompute"]
+        for key in list(sg.pack_seconds):
+            sg.pack_seconds[key] *= k.get(key, 1.0)
+    for key, (a, b) in list(prof.pack_fit.items()):
+        prof.pack_fit[key] = (a * k.get(key, 1.0), b * k.get(key, 1.0))
+    cal.update(k)
+    prof.calibration = cal
 
 
 # ------------------------------------------------------------------------------- the memory model
