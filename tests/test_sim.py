@@ -200,3 +200,86 @@ def test_the_round_loop_drives_any_executor(small_config):
     assert all(r["host"] == "a" and r["predicted_budget_bytes"] == r["budget_bytes"] for r in recs)
     assert "real_budget_bytes" not in recs[0] and res["summary"]["failed_clients"] == 1
     assert res["rounds"][0]["accuracy"] is not None and "run_seconds" in res["rounds"][0]["timing"]
+
+
+def test_a_server_killed_with_sigkill_mid_run_resumes_to_the_same_model(tmp_path):
+    """The real thing: `memfl run` as a process, SIGKILLed (no cleanup, no exception handler) while
+    it trains round 3; the same command again resumes from the last checkpoint and ends with the
+    uninterrupted run's parameters, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def command(out):
+        return [
+            sys.executable,
+            "-m",
+            "memfl.cli",
+            "run",
+            "--method",
+            "fedavg",
+            "--model",
+            "cnn",
+            "--model-width",
+            "0.25",
+            "--dataset",
+            "synthetic",
+            "--clients",
+            "8",
+            "--per-round",
+            "4",
+            "--rounds",
+            "6",
+            "--partition",
+            "iid",
+            "--budgets",
+            "relative:0.5-1.5",
+            "--seed",
+            "2",
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(command(tmp_path / "full"), env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    try:  # kill it once round 2 is checkpointed, i.e. while it works on round 3
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.exists():
+                try:
+                    done = len(json.loads(state.read_text())["rounds"])
+                except (ValueError, KeyError):  # caught between write and rename: read again
+                    done = 0
+                if done >= 2:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = len(json.loads(state.read_text())["rounds"])
+    assert 2 <= killed_at < 6
+
+    again = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming {out} after round {killed_at}" in " ".join(again.stderr.split())
+    a, b = load_file(str(tmp_path / "full" / "checkpoint.safetensors")), load_file(str(out / "checkpoint.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
