@@ -97,3 +97,20 @@ MEMFL_BIN = shutil.which("memfl", path=str(Path(sys.executable).parent)) or shut
 def test_installed_entry_point():
     r = subprocess.run([MEMFL_BIN, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "memory" in r.stdout and "run" in r.stdout
+
+
+def test_memory_width_and_scalefl_head_flags(capsys):
+    """`memfl memory --width` scales the model; `--exit-width model --projection authors` (the authors'
+    heads) cost more than ScaleFL's light ones and travel in the plan."""
+
+    def peak(*extra):
+        assert main(["memory", "--model", "resnet18", "--input", "1x28x28", "--batch", "8", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full, narrow = peak(), peak("--width", "0.125")
+    assert narrow["peak_bytes"] < full["peak_bytes"] / 4
+    light = peak("--width", "0.125", "--plan", "stage:1")
+    authors = peak("--width", "0.125", "--plan", "stage:1", "--exit-width", "model", "--projection", "authors")
+    assert light["peak_bytes"] < authors["peak_bytes"] < narrow["peak_bytes"]
+    assert authors["plan"]["options"] == {"exit_width": "model", "projection": "authors"}
+    assert main(["memory", "--model", "cnn", "--input", "1x28x28", "--width", "1.5"]) == 2

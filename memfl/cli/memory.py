@@ -19,15 +19,22 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise UsageError("--batch must be >= 1")
     shape = parse_shape(args.input)
+    if not 0 < args.width <= 1:
+        raise UsageError(f"--width {args.width}: expected a model width in (0, 1]")
     factory = model_factory(args.model, shape, args.classes)
+    if args.width != 1.0:
+        factory = partial(factory, width=args.width)
     input_shape = (args.batch, *shape)
     plan = parse_plan(args.plan, model_fn=factory, input_shape=input_shape, optimizer=args.optimizer)
     if plan.kind == "stage":  # a stage-t client holds blocks 1..t only (memfl.methods.scalefl.model)
         from memfl.methods.scalefl import stage_client_factory
 
-        factory = stage_client_factory(factory, plan.stage)
+        heads = {"exit_width": args.exit_width, "projection": args.projection}
+        if heads != {"exit_width": "light", "projection": "light"}:  # the plan names the heads it trains
+            plan = Plan(kind="stage", stage=plan.stage, options={**plan.options, **heads})
+        factory = stage_client_factory(factory, plan.stage, **heads)
     elif plan.kind == "width":  # a HeteroFL client holds the width-scaled sub-model
-        factory = partial(factory, width=plan.width)
+        factory = partial(factory, width=args.width * plan.width)
     est = estimate(factory(), input_shape, optimizer=args.optimizer, plan=plan)
     out: dict[str, Any] = {
         "model": args.model,
@@ -115,7 +122,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--plan", default="full", help="full | stage:T | budget:X (see docs)")
+    p.add_argument("--width", type=float, default=1.0, help="model width multiplier (e.g. 0.125)")
+    p.add_argument("--plan", default="full", help="full | stage:T | width:W | budget:X (see docs)")
+    p.add_argument(
+        "--exit-width",
+        dest="exit_width",
+        choices=["light", "model"],
+        default="light",
+        help="stage plans: ScaleFL's output-module widths (light: ours; model: the authors', the model's own)",
+    )
+    p.add_argument(
+        "--projection",
+        choices=["light", "authors"],
+        default="light",
+        help="stage plans: ScaleFL's projection head (authors: 2056 -> 1024 -> 512, scaled by width)",
+    )
     p.add_argument("--measure", action="store_true", help="also measure a few real steps in a subprocess")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
