@@ -45,7 +45,7 @@ test-all: install
 
 ## bench: every benchmark, results under results/bench
 bench: install data
-	for b in memory overhead fedavg scalefl hybrid flower faults executor; do $(BIN)/memfl bench $$b --out results/bench || exit 1; done
+	for b in memory overhead fedavg scalefl hybrid flower faults executor memory-wall; do $(BIN)/memfl bench $$b --out results/bench || exit 1; done
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .import_linter_cache

@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, str] = {
     "executor": "memfl.bench.executor",
     # issue 13: every injected fault at once vs no faults (validation, deadline, robust rules)
     "faults": "memfl.bench.faults",
+    # issue 10: ScaleFL and the baselines where most clients cannot train the full model
+    "memory-wall": "memfl.bench.memory_wall",
 }
 
 
