@@ -368,10 +368,17 @@ def plan(
     momentum: float = 0.9,
     speed: float = 1.0,
     timing: bool = True,
+    auto: bool = False,
+    stage: int | None = None,
     **kw: Any,
 ) -> PlanResult:
     """FedHybrid's planner: the cheapest per-segment plan (recompute / compress / full) whose peak
-    fits ``budget``.
+    fits ``budget``; with ``auto=True`` the combined planner over every plan kind instead (full,
+    hybrid, ScaleFL stage, stage+hybrid, micro-batched: :func:`memfl.methods.combined.auto_plan`,
+    ``stage`` the federation's current stage, ``kw`` its options such as ``micro_batches``,
+    ``blocks``, ``margin``); ``choice`` is then its :class:`~memfl.methods.combined.AutoPlan`
+    (chosen plan and every candidate weighed) and ``InfeasibleBudget`` names the smallest budget
+    any kind fits.
 
     model_fn:    a zero-argument model builder.
     input_shape: the input batch shape, batch first (as :func:`estimate`).
@@ -388,6 +395,23 @@ def plan(
 
     if not callable(model_fn) or isinstance(model_fn, nn.Module):
         raise TypeError("plan: model_fn must be a zero-argument model builder, not a model instance")
+    if auto:
+        from memfl.methods.combined import auto_plan
+
+        result = auto_plan(
+            model_fn,
+            tuple(input_shape),
+            budget,
+            stage=stage,
+            optimizer=optimizer,
+            momentum=momentum,
+            speed=speed,
+            timing=timing,
+            **kw,
+        )
+        return PlanResult(result.plan, result, result.profile, int(result.full_peak_bytes))
+    if stage is not None:
+        raise ValueError("plan: stage= needs auto=True (FedHybrid's planner plans the whole model)")
     choice, profile, full_peak = solve_for_model(
         model_fn, tuple(input_shape), budget, optimizer=optimizer, momentum=momentum, speed=speed, timing=timing, **kw
     )

@@ -59,6 +59,9 @@ def test_schedule_tables_and_resume(tmp_path: Path, capsys):
     md = (out / "memory-wall.md").read_text()
     assert "| scalefl | 0 |" in md and "Goals" in md and "n/a (runs missing)" in md  # no heterofl here
     walls = {k: v["0"]["wall_seconds"] for k, v in on_disk["runs"].items()}
+    # the static-BN diagnosis reloads the final global model: its running-BN accuracy is the run's own
+    diag = mw.static_bn_accuracy(config, out / "runs" / "fedavg-s0", 0, "fedavg")
+    assert diag["running_bn"] == f["final_accuracy"] and 0 <= diag["static_bn"] <= 1
 
     # a killed bench started again with one more method: the complete runs are skipped (their wall
     # times kept), only the new one runs
@@ -70,5 +73,30 @@ def test_schedule_tables_and_resume(tmp_path: Path, capsys):
     assert second["done"] == 3
     assert {k: second["runs"][k]["0"]["wall_seconds"] for k in walls} == walls
     assert second["runs"]["scalefl"]["0"]["final_accuracy"] == first["runs"]["scalefl"]["0"]["final_accuracy"]
+    # --report-only: tables from the complete runs, nothing started for a missing one
+    capsys.readouterr()
+    report = mw.run_bench(
+        out,
+        config=config,
+        flags=[],
+        methods=("fedavg", "scalefl", "exclusive", "heterofl"),
+        seeds=(0,),
+        regime=TINY,
+        command="test",
+        report_only=True,
+    )
+    assert "started" not in capsys.readouterr().out
+    assert report["done"] == 3 and report["planned"] == 4 and "heterofl" not in report["runs"]
+    assert report["runs"]["scalefl"]["0"]["wall_seconds"] == second["runs"]["scalefl"]["0"]["wall_seconds"]
     goal = {g["goal"]: g for g in second["goals"]}
     assert goal["scalefl final accuracy vs exclusive >= +10 points"]["met"] is not None
+
+
+def test_centralised_reference_pools_the_federations_data(tmp_path: Path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(mw._toml(TINY))
+    everyone = mw.centralised(config, 0, "all", steps=4)
+    fit = mw.centralised(config, 0, "fit-full", steps=4)
+    assert everyone["clients"] == TINY["run"]["clients"] and everyone["samples"] >= fit["samples"] > 0
+    assert 0 < fit["clients"] < everyone["clients"]  # relative:0.1-1.1 leaves most clients below full training
+    assert len(everyone["accuracy_per_eval"]) == 4 and 0 <= everyone["final_accuracy"] <= 1

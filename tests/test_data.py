@@ -669,3 +669,17 @@ def test_samples_per_client_draws_the_pool_then_partitions(small_config):
     args = parser.parse_args(["--samples-per-client", "100", "--partition", "dirichlet-fixed:0.1"])
     run = config_from_args(args).run
     assert run.samples_per_client == 100 and run.partition == "dirichlet-fixed:0.1"
+
+
+def test_a_flower_node_cuts_the_same_share_as_the_simulator_with_samples_per_client(small_config):
+    """A Flower ClientApp's share (``partition-id``) is the simulator's client: the pool draw of
+    ``run.samples_per_client`` first, then the partition."""
+    from memfl.runtime.flower.client_app import NodeSpec, client_data
+    from memfl.server.setup import build_federation, load_data
+
+    cfg = small_config(clients=8, samples_per_client=40, partition="dirichlet-fixed:0.5")
+    fed = build_federation(cfg, load_data(cfg), full_peak=1000)
+    for pid in (0, 5):
+        spec = NodeSpec(pid, 8, device="laptop", speed=1.0, budget_bytes=10**9, budget_source="declared")
+        x, y, _, _ = client_data(cfg, spec)
+        assert len(y) == 40 and torch.equal(x, fed[pid].x) and torch.equal(y, fed[pid].y)

@@ -51,6 +51,15 @@ def test_exclusive_only_selects_clients_that_fit(small_config):
     assert sorted(c["id"] for c in chosen) == sorted(fits)
     assert 0 < len(fits) < 10  # the budget range straddles the full peak
     assert all(c["budget_bytes"] >= c["predicted_peak_bytes"] for c in chosen)
+    assert res["rounds"][0]["eligible_clients"] == len(fits)  # every method records who could take part
+
+
+def test_eligible_clients_counts_fitting_plans_for_every_method(small_config):
+    """A memory-unaware plan (fedavg: full training for everyone) counts only where it fits."""
+    cfg = small_config(method="fedavg", budgets="relative:0.1-1.1", clients=10, per_round=2, rounds=1)
+    res = run_experiment(cfg, progress=False)
+    fits = sum(c["budget_bytes"] >= res["full_peak_bytes"] for c in res["clients"])
+    assert res["rounds"][0]["eligible_clients"] == fits < 10
 
 
 def test_killed_run_resumes_identically(small_config, tmp_path):

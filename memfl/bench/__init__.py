@@ -30,13 +30,36 @@ BENCHMARKS: dict[str, str] = {
     "faults": "memfl.bench.faults",
     # issue 10: ScaleFL and the baselines where most clients cannot train the full model
     "memory-wall": "memfl.bench.memory_wall",
+    # issue 10: the search that chose the mentor's lambda1/lambda2 (seed 3 of the same regime)
+    "memory-wall-mentor": "memfl.bench.mentor_search",
+    # issue 11: FedHybrid against the memory-aware and -unaware baselines in the memory-wall regime
+    "hybrid-memory-wall": "memfl.bench.hybrid.memory_wall",
 }
 
 
-def run_benchmark(name: str, out: Path, quick: bool = False) -> dict[str, Any]:
-    """Run benchmark ``name``, writing its files under ``out``."""
+def run_benchmark(
+    name: str, out: Path, quick: bool = False, methods: list[str] | None = None, report_only: bool = False
+) -> dict[str, Any]:
+    """Run benchmark ``name``, writing its files under ``out``.
+
+    ``methods``: only these of the benchmark's methods; ``report_only``: start no run, rebuild the
+    tables from the runs already complete in ``out`` (benchmarks whose ``run`` takes these keywords,
+    e.g. ``memory-wall``; ValueError for the others)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}")
     module = importlib.import_module(BENCHMARKS[name])
     out.mkdir(parents=True, exist_ok=True)
-    return module.run(out, quick)
+    options: dict[str, Any] = {}
+    if methods:
+        options["methods"] = methods
+    if report_only:
+        options["report_only"] = True
+    if options:
+        import inspect
+
+        accepted = inspect.signature(module.run).parameters
+        for key in options:
+            if key not in accepted:
+                flag = "--methods" if key == "methods" else "--report-only"
+                raise ValueError(f"benchmark {name!r} does not take {flag}")
+    return module.run(out, quick, **options)

@@ -25,14 +25,34 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.width != 1.0:
         factory = partial(factory, width=args.width)
     input_shape = (args.batch, *shape)
-    plan = parse_plan(args.plan, model_fn=factory, input_shape=input_shape, optimizer=args.optimizer)
-    if plan.kind == "stage":  # a stage-t client holds blocks 1..t only (memfl.methods.scalefl.model)
+    plan = _plan_arg(args, factory, input_shape)
+    if args.micro_batches is not None:
+        if args.micro_batches < 1:
+            raise UsageError(f"--micro-batches {args.micro_batches}: expected >= 1")
+        try:
+            plan = Plan(**{**plan.__dict__, "micro_batches": args.micro_batches})
+        except ValueError as err:
+            raise UsageError(f"--micro-batches: {err}") from None
+        if args.micro_batches > 1 and plan.options.get("fused_step"):
+            raise UsageError(
+                "--micro-batches: the plan fuses the optimizer step into backward (option fused_step), "
+                "which cannot accumulate gradients over micro-batches"
+            )
+    if plan.kind in ("stage", "stage+hybrid"):  # a stage-t client holds blocks 1..t only (scalefl.model)
         from memfl.methods.scalefl import stage_client_factory
 
         heads = {"exit_width": args.exit_width, "projection": args.projection}
         if heads != {"exit_width": "light", "projection": "light"}:  # the plan names the heads it trains
-            plan = Plan(kind="stage", stage=plan.stage, options={**plan.options, **heads})
-        factory = stage_client_factory(factory, plan.stage, **heads)
+            plan = Plan(**{**plan.__dict__, "options": {**plan.options, **heads}})
+        opts = plan.options or {}
+        factory = stage_client_factory(
+            factory,
+            plan.stage,
+            blocks=int(opts.get("blocks", 4)),
+            mode=opts.get("partition", "default"),
+            batch_size=int(opts.get("batch_size", 32)),
+            **heads,
+        )
     elif plan.kind == "width":  # a HeteroFL client holds the width-scaled sub-model
         factory = partial(factory, width=args.width * plan.width)
     est = estimate(factory(), input_shape, optimizer=args.optimizer, plan=plan)
@@ -51,7 +71,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         if args.device == "cpu":
             # step times the way training runs (another child: the trainer's allocator and threads)
             # (against full training for a hybrid plan: same model; a stage/width client is its own model)
-            plans = {"full": Plan(), "plan": plan} if plan.kind == "hybrid" else {"plan": plan}
+            same_model = plan.kind == "hybrid" or (plan.kind == "full" and (plan.micro_batches or 1) > 1)
+            plans = {"full": Plan(), "plan": plan} if same_model else {"plan": plan}
             t = time_steps(factory, input_shape, plans, optimizer=args.optimizer, steps=args.time_steps)
             out.update(timing_json(t))
         else:
@@ -74,6 +95,28 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.measure and "step_cpu_seconds" in out:
         Console().print(timing_line(out))
     return 0
+
+
+def _plan_arg(args: argparse.Namespace, factory: Any, input_shape: tuple[int, ...]) -> Plan:
+    """``--plan``: ``full | stage:T | width:W | budget:X`` (:func:`parse_plan`), ``auto:X`` (the
+    combined planner's choice for budget X, any kind; ``--stage`` restricts its stage plans) or a
+    plan as JSON (e.g. ``{"kind": "stage+hybrid", "stage": 1, "segments": {"blocks.0.unit0": "q2"}}``)."""
+    text = args.plan.strip()
+    if text.startswith("{"):
+        try:
+            return Plan.from_json(json.loads(text))
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--plan: not a plan as JSON ({err})") from None
+    if text.startswith("auto:"):
+        from memfl.methods.combined import InfeasibleBudget, auto_plan
+
+        try:
+            return auto_plan(
+                factory, input_shape, text[len("auto:") :], stage=args.stage, optimizer=args.optimizer
+            ).plan
+        except (InfeasibleBudget, ValueError) as err:
+            raise UsageError(f"--plan {text}: {err}") from None
+    return parse_plan(text, model_fn=factory, input_shape=input_shape, optimizer=args.optimizer)
 
 
 def timing_json(t: Any, name: str = "plan") -> dict[str, Any]:
@@ -123,7 +166,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     p.add_argument("--width", type=float, default=1.0, help="model width multiplier (e.g. 0.125)")
-    p.add_argument("--plan", default="full", help="full | stage:T | width:W | budget:X (see docs)")
+    p.add_argument(
+        "--plan",
+        default="full",
+        help="full | stage:T | width:W | budget:X | auto:X | a plan as JSON, e.g. "
+        '\'{"kind": "stage+hybrid", "stage": 1, "segments": {"blocks.0.unit0": "q2"}}\' (see docs)',
+    )
+    p.add_argument(
+        "--micro-batches",
+        dest="micro_batches",
+        type=int,
+        default=None,
+        help="split each batch into this many micro-batches, gradients accumulated (any plan)",
+    )
+    p.add_argument("--stage", type=int, default=None, help="--plan auto:X: the federation's current ScaleFL stage")
     p.add_argument(
         "--exit-width",
         dest="exit_width",

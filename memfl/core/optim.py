@@ -109,6 +109,12 @@ def make_step_optimizer(
     """
     if not step.step_in_backward:
         return make_optimizer(params, name, lr, momentum, weight_decay)
+    if step.micro_batches > 1:
+        raise ValueError(
+            "gradient accumulation over micro-batches (plan micro_batches) needs all gradients before the "
+            "step; it cannot be combined with a plan that fuses the optimizer step into backward "
+            "(plan option fused_step)"
+        )
     if max_grad_norm is not None:
         raise ValueError(
             "gradient clipping by global norm needs all gradients before the step; "

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-PLAN_KINDS = ("full", "stage", "hybrid", "width")
+PLAN_KINDS = ("full", "stage", "hybrid", "width", "stage+hybrid")
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,20 @@ class Plan:
     """How one client trains in one round.
 
     kind:     "full" (every parameter, nothing saved specially), "stage" (ScaleFL stage ``stage``),
-              "hybrid" (per-segment keep / recompute / compress, see ``segments``), or "width"
-              (a HeteroFL sub-model with width fraction ``width``).
-    stage:    the ScaleFL stage, 1-based, when kind == "stage".
+              "hybrid" (per-segment keep / recompute / compress, see ``segments``), "width"
+              (a HeteroFL sub-model with width fraction ``width``), or "stage+hybrid" (ScaleFL
+              stage ``stage`` whose trained units and harmonized tail run under the per-segment
+              modes of ``segments``; :mod:`memfl.methods.combined`).
+    stage:    the ScaleFL stage, 1-based, when kind is "stage" or "stage+hybrid".
     segments: segment name -> "keep" | "recompute" | "q8" | "q4" | "q2" (or fractional "q3.5"),
-              when kind == "hybrid".
+              when kind is "hybrid" or "stage+hybrid".
     width:    width fraction in (0, 1], when kind == "width".
     options:  free-form JSON-able switches for the engine (e.g. mentor/harmonizer on or off).
+    micro_batches: split every batch into this many micro-batches and accumulate their gradients
+              before the optimizer step (None or 1: no split; any kind). Cuts the activations by
+              about that factor; refused together with the fused optimizer step (option
+              ``fused_step``), and BatchNorm then normalises each micro-batch by its own statistics
+              (see :func:`memfl.core.engine.forward_backward`).
     """
 
     kind: str = "full"
@@ -40,12 +47,17 @@ class Plan:
     segments: dict[str, str] | None = None
     width: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    micro_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PLAN_KINDS:
             raise ValueError(f"unknown plan kind {self.kind!r}; expected one of {', '.join(PLAN_KINDS)}")
-        if self.kind == "stage" and (self.stage is None or self.stage < 1):
-            raise ValueError("a 'stage' plan needs stage >= 1")
+        if self.kind in ("stage", "stage+hybrid") and (self.stage is None or self.stage < 1):
+            raise ValueError(f"a {self.kind!r} plan needs stage >= 1")
+        if self.micro_batches is not None and (
+            isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1
+        ):
+            raise ValueError(f"plan micro_batches must be an integer >= 1, got {self.micro_batches!r}")
         if self.kind == "width" and not (self.width and 0 < self.width <= 1):
             raise ValueError("a 'width' plan needs 0 < width <= 1")
 
@@ -54,12 +66,17 @@ class Plan:
 
     @property
     def label(self) -> str:
-        """Short human-readable name, e.g. ``full``, ``stage:2``, ``width:0.5``, ``hybrid``."""
+        """Short human-readable name, e.g. ``full``, ``stage:2``, ``width:0.5``, ``hybrid``,
+        ``stage:2+hybrid``; ``+micro:4`` appended for a plan split into 4 micro-batches."""
         if self.kind == "stage":
-            return f"stage:{self.stage}"
-        if self.kind == "width":
-            return f"width:{self.width:g}"
-        return self.kind
+            base = f"stage:{self.stage}"
+        elif self.kind == "stage+hybrid":
+            base = f"stage:{self.stage}+hybrid"
+        elif self.kind == "width":
+            base = f"width:{self.width:g}"
+        else:
+            base = self.kind
+        return f"{base}+micro:{self.micro_batches}" if (self.micro_batches or 1) > 1 else base
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, {})}

@@ -79,6 +79,8 @@ class Strategy:
         self.ctx = ctx
         self._reference = ctx.model_fn(Plan())
         self._trainable_cache: dict[Plan, tuple[str, ...]] = {}
+        #: round -> clients whose plan fits their (predicted) budget, from :meth:`plan_and_select`
+        self.eligible: dict[int, int] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
@@ -138,6 +140,11 @@ class Strategy:
         those with a plan); the selection's generator is seeded by (seed, round)."""
         rng = np.random.default_rng([self.ctx.seed, round])
         plans = {c.id: self.plan_for(c, round) for c in clients}
+        # every method's `eligible_clients` (issue 12): clients whose plan's predicted peak fits the
+        # budget they were planned for (a memory-unaware baseline plans full training for everyone)
+        self.eligible[round] = sum(
+            1 for c in clients if plans[c.id] is not None and self.ctx.peak_fn(plans[c.id]) <= c.budget_bytes
+        )
         candidates = [c for c in clients if plans[c.id] is not None]
         chosen = self.select(round, candidates, self.ctx.per_round, rng, {c.id: plans[c.id] for c in candidates})
         return plans, chosen

@@ -6,14 +6,13 @@ plain data, so the simulator and the Flower ClientApp call it the same way.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from memfl.core.engine import prepare
+from memfl.core.engine import forward_backward, prepare
 from memfl.core.optim import make_step_optimizer
 from memfl.core.protocol import Instruction, Plan, Result
 
@@ -68,7 +67,10 @@ class LocalTrainer:
             step, params, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, prox_mu=hp.prox_mu, anchor=anchor
         )
         prox_in_loss = anchor is not None and not step.step_in_backward
-        saved = step.saved_tensors or contextlib.nullcontext
+
+        def prox_term() -> torch.Tensor:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            return 0.5 * hp.prox_mu * prox
 
         gen = torch.Generator().manual_seed(instruction.seed)
         n = len(x)
@@ -91,12 +93,8 @@ class LocalTrainer:
                     xb = x[idx].to(self.device, non_blocking=True)
                     yb = y[idx].to(self.device, non_blocking=True)
                     optimizer.zero_grad(set_to_none=True)
-                    with saved():
-                        loss, per_sample = step.loss(xb, yb)
-                        if prox_in_loss:
-                            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-                            loss = loss + 0.5 * hp.prox_mu * prox
-                        loss.backward()
+                    # forward + backward, split into the plan's micro-batches (gradients accumulate)
+                    _, per_sample = forward_backward(step, xb, yb, extra=prox_term if prox_in_loss else None)
                     optimizer.step()
                     total_loss += float(per_sample.sum())
                     total_seen += len(idx)

@@ -31,11 +31,12 @@ is counted. In the child:
 4. Build the model, ``engine.prepare(model, plan)``, the optimizer (``make_step_optimizer``: a
    per-parameter step fused into backward when the plan asks for it; lr 0.01,
    ``weight_decay``), a random input batch of ``input_shape`` and random labels, then ``steps``
-   iterations of ``opt.zero_grad(set_to_none=True); loss = step.loss(x, y)[0]; loss.backward();
-   opt.step()``, the forward inside ``step.saved_tensors()`` when the step has one (as the
-   trainer does). The model returned by ``model_fn`` stays referenced during the steps: a client
-   that holds only part of a model (a ScaleFL stage) must be built that way by ``model_fn``
-   (e.g. ``memfl.methods.scalefl.stage_client_factory``).
+   iterations of ``opt.zero_grad(set_to_none=True); forward_backward(step, x, y); opt.step()``
+   (:func:`memfl.core.engine.forward_backward`: the forward inside ``step.saved_tensors()`` when
+   the step has one, the batch split into the plan's micro-batches; as the trainer does). The
+   model returned by ``model_fn`` stays referenced during the steps: a client that holds only
+   part of a model (a ScaleFL stage) must be built that way by ``model_fn`` (e.g.
+   ``memfl.methods.scalefl.stage_client_factory``).
 5. ``peak_bytes`` = high-water mark during 4. minus the baseline.
 
 CPU: resident set size. The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every
@@ -183,13 +184,12 @@ def _warm_up_runtime(torch: Any, device: str) -> None:
 
 
 def _train_step(step: Any, opt: Any, x: Any, y: Any) -> None:
+    """The trainer's step: forward + backward (:func:`memfl.core.engine.forward_backward`: inside
+    the step's saved-tensors context, split into the plan's micro-batches), optimizer step."""
+    from memfl.core.engine import forward_backward
+
     opt.zero_grad(set_to_none=True)
-    if step.saved_tensors is not None:
-        with step.saved_tensors():
-            loss, _ = step.loss(x, y)
-    else:
-        loss, _ = step.loss(x, y)
-    loss.backward()
+    forward_backward(step, x, y)
     opt.step()
 
 

@@ -7,9 +7,11 @@ engines) with :mod:`memfl.core.registry`; ``import memfl`` does it for you.
   harmonizer, schedule)
 - :mod:`memfl.methods.fedhybrid` ``fedhybrid`` and the selection baselines ``random``, ``oort``,
   ``oort+fedprox`` (hybrid plans: profile, compression, planner, selection, budget predictor)
+- :mod:`memfl.methods.combined`  ``stage+hybrid`` plans and the planner over every plan kind
+  (imports scalefl and fedhybrid; neither imports it)
 """
 
 from memfl.core.registry import STRATEGIES
-from memfl.methods import fedavg, fedhybrid, heterofl, scalefl  # noqa: F401  -- each registers itself
+from memfl.methods import combined, fedavg, fedhybrid, heterofl, scalefl  # noqa: F401  -- each registers itself
 
 __all__ = ["STRATEGIES"]

@@ -127,6 +127,7 @@ def run_rounds(
             entry = round_entry(
                 rnd, records, strategy.round_report(rnd), accuracy, loss, virtual_total, deadline_seconds
             )
+            entry["eligible_clients"] = strategy.eligible.pop(rnd, None)  # None: a strategy that plans otherwise
             virtual_total = entry["virtual_seconds"]
             if entry["statuses"].get("ok", 0) + entry["statuses"].get("rejected", 0):
                 expected = entry["answered_virtual_seconds"]

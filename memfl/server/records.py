@@ -170,7 +170,10 @@ def round_entry(
     or killed and a deadline is set), ``answered_virtual_seconds`` (the slowest answering client's:
     silent clients cost nothing), ``deadline_seconds`` (None: no deadline), ``virtual_seconds``
     (cumulative), ``failed`` (records not ok) and ``statuses`` (count per status). The loop adds
-    ``round_seconds`` (wall) and ``timing`` (its parts, plus the runtime's)."""
+    ``round_seconds`` (wall), ``timing`` (its parts, plus the runtime's) and ``eligible_clients``
+    (how many of the round's candidates had a plan whose predicted peak fits the budget they were
+    planned for: every method, so they compare; None for a strategy that bypasses
+    :meth:`~memfl.core.strategy.Strategy.plan_and_select`)."""
     ok = [r for r in records if r["status"] == "ok"]
     answered = answered_seconds(records) or 0.0
     silent = any(r["status"] in SILENT for r in records)

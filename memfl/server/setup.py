@@ -92,26 +92,34 @@ def load_data(config: Config) -> Dataset:
     return load_dataset(config.run.dataset, config.run.data_dir)
 
 
-def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimClient]:
-    """Partition the data and give every client a device profile and a memory budget.
+def client_indices(config: Config, labels: np.ndarray, num_clients: int | None = None) -> list[np.ndarray]:
+    """Each client's training-set indices, the same in every runtime (the simulator, Flower nodes).
 
-    ``run.samples_per_client = N``: first draw ``clients x N`` training samples (seeded by
-    ``run.seed``, without replacement), then partition those; None partitions the whole training set."""
-    labels = data.train_y.numpy()
+    ``labels``: the whole training set's labels; ``num_clients``: how many shares (default
+    ``run.clients``). ``run.samples_per_client = N``: first draw ``clients x N`` training samples
+    (seeded by ``run.seed``, without replacement), then partition those; None partitions the whole
+    training set. ValueError when the training set is too small for ``clients x N``."""
+    clients = config.run.clients if num_clients is None else num_clients
     pool = None
     n_per = config.run.samples_per_client
     if n_per is not None:
-        want = config.run.clients * n_per
+        want = clients * n_per
         if want > len(labels):
             raise ValueError(
-                f"run.samples_per_client = {n_per}: {config.run.clients} clients x {n_per} = {want} samples, "
+                f"run.samples_per_client = {n_per}: {clients} clients x {n_per} = {want} samples, "
                 f"but the training set has {len(labels)}"
             )
         pool = np.sort(np.random.default_rng([config.run.seed, 0x5A3C]).permutation(len(labels))[:want])
         labels = labels[pool]
-    parts = partition(labels, config.run.clients, config.run.partition, seed=config.run.seed)
+    parts = partition(labels, clients, config.run.partition, seed=config.run.seed)
     if pool is not None:
         parts = [pool[p] for p in parts]
+    return parts
+
+
+def build_federation(config: Config, data: Dataset, full_peak: int) -> list[SimClient]:
+    """Partition the data (:func:`client_indices`) and give every client a device profile and a memory budget."""
+    parts = client_indices(config, data.train_y.numpy())
     devices = assign_budgets(config.run.budgets, config.run.clients, full_peak_bytes=full_peak, seed=config.run.seed)
     clients = []
     for cid, (idx, (device, budget)) in enumerate(zip(parts, devices)):

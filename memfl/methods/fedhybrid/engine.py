@@ -20,6 +20,10 @@ bits, the baseline), ``min_bits`` (default 1: the floor of the per-channel bits)
 freed as soon as the gradient is complete -- ``TrainStep.step_in_backward``, see
 :class:`memfl.core.optim.StepInBackward`; exact for per-parameter optimizers).
 
+The segment-by-segment running is :class:`SegmentChain` (named modules in their modes, with the
+hook context below); :class:`HybridForward` is a chain over the whole model's segments plus the
+head, and :mod:`memfl.methods.combined` runs a ScaleFL stage's units through one.
+
 Hooks: ``TrainStep.saved_tensors`` is one ``saved_tensors_hooks`` context for the whole step whose
 pack hook dispatches on the segment being run (recomputed segments never reach it: checkpoint
 pushes its own hooks inside). The trainer, ``memfl.memory.estimate`` (which wraps the pack hook to
@@ -77,11 +81,12 @@ def _recompute_context(module: nn.Module):
 
 
 class HybridHooks(torch.autograd.graph.saved_tensors_hooks):
-    """The step's saved-tensors context: the hybrid forward's dispatching pack hook."""
+    """The step's saved-tensors context: the chain's dispatching pack hook."""
 
-    def __init__(self, forward: "HybridForward") -> None:
-        super().__init__(forward.pack, Compressor.unpack)
-        self.forward = forward
+    def __init__(self, forward: "SegmentChain | HybridForward") -> None:
+        chain = forward.chain if isinstance(forward, HybridForward) else forward
+        super().__init__(chain.pack, Compressor.unpack)
+        self.forward = chain
 
     def __enter__(self) -> None:
         self.forward._begin()
@@ -92,28 +97,38 @@ class HybridHooks(torch.autograd.graph.saved_tensors_hooks):
         self.forward._end()
 
 
-class HybridForward:
-    """Callable ``x -> logits`` running each segment in its plan's mode."""
+class SegmentChain:
+    """Runs named modules in order, each in its mode: ``keep``, ``recompute`` (non-reentrant
+    checkpoint, BN statistics not updated twice) or ``qB`` (what it saves packed by a
+    :class:`~memfl.methods.fedhybrid.compress.Compressor` through :meth:`hooks`).
 
-    def __init__(self, model: nn.Module, plan: Plan) -> None:
-        self.model = model
-        self.segments = segments_of(model)
-        self.head = model.head if hasattr(model, "head") and hasattr(model, "blocks") else None
-        # a user's model cut from its children: checked once (on its first batch) that its forward
-        # is those children in order (memfl.methods.fedhybrid.profile.check_segments)
-        self._unchecked = not getattr(model, "_memfl_segments_checked", False)
+    segments: ``[(name, module)]`` in forward order; modes: name -> mode (unnamed: keep; an unknown
+    name is a ValueError listing the chain's names, ``what`` names the plan in the message);
+    mixed / min_bits: the compressor's options. The hybrid engine runs the whole model's segments
+    through one (:class:`HybridForward`); :mod:`memfl.methods.combined` runs a ScaleFL stage's
+    trained units and harmonized tail through one.
+    """
+
+    def __init__(
+        self,
+        segments: list[tuple[str, nn.Module]],
+        modes: dict[str, str] | None,
+        *,
+        mixed: bool = True,
+        min_bits: int = 1,
+        what: str = "hybrid plan",
+    ) -> None:
+        self.segments = list(segments)
         names = [n for n, _ in self.segments]
-        modes = dict(plan.segments or {})
+        modes = dict(modes or {})
         unknown = set(modes) - set(names)
         if unknown:
             raise ValueError(
-                f"hybrid plan names unknown segments {sorted(unknown)[:3]}; "
-                f"this model's segments are {', '.join(names)}"
+                f"{what} names unknown segments {sorted(unknown)[:3]}; its segments are {', '.join(names) or '(none)'}"
             )
         self.modes = [parse_mode(modes.get(name, "keep")) for name in names]
-        opts = plan.options or {}
-        self.mixed = bool(opts.get("mixed", True))
-        self.min_bits = int(opts.get("min_bits", 1))
+        self.mixed = bool(mixed)
+        self.min_bits = int(min_bits)
         self._contexts = [_recompute_context(mod) for _, mod in self.segments]
         self._depth = 0
         self._current = _KEEP
@@ -145,13 +160,15 @@ class HybridForward:
             return t
         return self._compressors[bits].pack(t)
 
-    # -- forward ----------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._unchecked:
-            check_segments(self.model, x[:2])
-            object.__setattr__(self.model, "_memfl_segments_checked", True)  # not a module attribute
-            self._unchecked = False
-        if self._depth == 0 and torch.is_grad_enabled():
+    @property
+    def active(self) -> bool:
+        """Inside the chain's hook context (:meth:`hooks`)."""
+        return self._depth > 0
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The segments in order on ``x``, each in its mode (compression only inside :meth:`hooks`;
+        a call outside it with grad enabled enters it by itself)."""
+        if self._depth == 0 and torch.is_grad_enabled() and any(k == "q" for k, _ in self.modes):
             with self.hooks():
                 return self._run(x)
         return self._run(x)
@@ -168,6 +185,49 @@ class HybridForward:
                     h = mod(h)
         finally:
             self._current = _KEEP
+        return h
+
+
+class HybridForward:
+    """Callable ``x -> logits`` running each segment of the model in its plan's mode."""
+
+    def __init__(self, model: nn.Module, plan: Plan) -> None:
+        self.model = model
+        self.head = model.head if hasattr(model, "head") and hasattr(model, "blocks") else None
+        # a user's model cut from its children: checked once (on its first batch) that its forward
+        # is those children in order (memfl.methods.fedhybrid.profile.check_segments)
+        self._unchecked = not getattr(model, "_memfl_segments_checked", False)
+        opts = plan.options or {}
+        self.chain = SegmentChain(
+            segments_of(model),
+            plan.segments,
+            mixed=bool(opts.get("mixed", True)),
+            min_bits=int(opts.get("min_bits", 1)),
+        )
+        self.segments = self.chain.segments
+        self.modes = self.chain.modes
+        self.mixed, self.min_bits = self.chain.mixed, self.chain.min_bits
+
+    # -- the step's hook context ------------------------------------------------------------------
+    def hooks(self) -> HybridHooks:
+        return HybridHooks(self.chain)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        return self.chain.pack(t)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unchecked:
+            check_segments(self.model, x[:2])
+            object.__setattr__(self.model, "_memfl_segments_checked", True)  # not a module attribute
+            self._unchecked = False
+        if not self.chain.active and torch.is_grad_enabled():
+            with self.hooks():
+                return self._run(x)
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.chain._run(x)
         return self.head(h) if self.head is not None else h
 
 

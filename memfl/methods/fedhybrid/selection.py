@@ -21,11 +21,28 @@ Oort's exploration/exploitation scheme, so they differ only in the utility:
   maximum over the candidates.
 
 Exploration (both utilities): a share ``epsilon`` of the picks goes to clients never selected
-(``epsilon`` starts at ``explore`` and decays by ``explore_decay`` per round to ``explore_min``),
-sampled with probability proportional to their speed-aware prior (``fedhybrid``: MemStat x
-CompStat; ``oort``: 1 / t_i); the rest exploits: clients whose utility is at least ``cutoff``
-times the k-th best are sampled with probability proportional to utility (Oort's cut-off
-sampling).
+(*unexplored*: no result of theirs has reached the selector yet), sampled with probability
+proportional to their speed-aware prior (``fedhybrid``: MemStat x CompStat; ``oort``: 1 / t_i);
+the rest exploits: clients whose utility is at least ``cutoff`` times the k-th best are sampled
+with probability proportional to utility (Oort's cut-off sampling). ``explore_rule`` sets
+``epsilon``:
+
+- ``"decay"`` (the default, Oort's own schedule): ``max(explore_min, explore * explore_decay **
+  (round - 1))`` -- a function of the round number only, whatever the size of the pool: a pool
+  that hybrid plans doubled is still explored at 0.9 x 0.98^r, and a small one long after it is
+  covered (the picks then fall back to exploitation, there being nobody left to explore).
+- ``"unexplored"`` (issue 11 part 4): ``epsilon = max(explore_min, explore * U / E)`` while
+  ``U > 0``, else 0, where ``E`` is the number of eligible candidates this round and ``U`` the
+  number of them still unexplored. ``U / E`` is the chance that a uniformly drawn eligible client is
+  unexplored, so the share of exploration tracks how much of *this round's* pool is still unknown:
+  it starts at ``explore`` (everyone unknown), falls as the pool is covered -- with ``k`` picks of
+  ``E`` per round by about a factor ``1 - explore * k / E`` per round, fast on a small pool, slower
+  on a doubled one -- and ends when the eligible pool is covered, whatever the round number. The
+  floor ``explore_min`` drains the last few unexplored clients within a few rounds instead of
+  leaving them to a share that shrinks with them (with the floor at 0 the last ones would be
+  reached only when ``explore * k * U / E`` rounds to a pick). Oort's pacer is the anchor of the
+  idea -- a schedule driven by what the selector has observed rather than by the clock; it is a
+  pure function of ``(U, E)``, so it needs no state beyond the explored set and resumes exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +54,8 @@ from typing import Any
 import numpy as np
 
 SELECTIONS = ("fedhybrid", "oort", "random")
+#: how the exploration share is set (see the module docs)
+EXPLORE_RULES = ("decay", "unexplored")
 
 
 @dataclass
@@ -73,6 +92,7 @@ class Selector:
     explore: float = 0.9
     explore_decay: float = 0.98
     explore_min: float = 0.2
+    explore_rule: str = "decay"
     cutoff: float = 0.95
     staleness: float = 0.1
     alpha: float = 2.0
@@ -85,10 +105,25 @@ class Selector:
     def __post_init__(self) -> None:
         if self.name not in SELECTIONS:
             raise ValueError(f"unknown selection {self.name!r}; expected one of {', '.join(SELECTIONS)}")
+        if self.explore_rule not in EXPLORE_RULES:
+            raise ValueError(f"unknown explore_rule {self.explore_rule!r}; expected one of {', '.join(EXPLORE_RULES)}")
 
     # -- utilities ------------------------------------------------------------------------------
-    def epsilon(self, rnd: int) -> float:
+    def epsilon(self, rnd: int, unexplored: int | None = None, eligible: int | None = None) -> float:
+        """The exploration share of round ``rnd`` (module docs). ``unexplored`` / ``eligible``: how
+        many of this round's eligible candidates are unexplored / eligible -- needed by the
+        ``"unexplored"`` rule (without them it answers ``explore``, the share of an unknown pool)."""
+        if self.explore_rule == "unexplored":
+            if unexplored is None or not eligible:
+                return self.explore
+            if unexplored <= 0:
+                return 0.0
+            return max(self.explore_min, self.explore * min(1.0, unexplored / eligible))
         return max(self.explore_min, self.explore * self.explore_decay ** max(0, rnd - 1))
+
+    def unexplored(self, ids) -> int:
+        """How many of ``ids`` the selector has no result of yet."""
+        return sum(1 for i in ids if i not in self.stats)
 
     def _bonus(self, rnd: int, st: ClientStats) -> float:
         return math.sqrt(self.staleness * math.log(max(rnd, 2)) / max(1, st.last_round))
@@ -142,7 +177,7 @@ class Selector:
         util = self.utilities(rnd, candidates)
         explored = [c for c in candidates if c.id in util]
         fresh = [c for c in candidates if c.id not in util]
-        n_explore = min(len(fresh), int(round(self.epsilon(rnd) * k)))
+        n_explore = min(len(fresh), int(round(self.epsilon(rnd, len(fresh), len(candidates)) * k)))
         n_exploit = min(len(explored), k - n_explore)
         n_explore = min(len(fresh), k - n_exploit)
         chosen: list[int] = []

@@ -24,6 +24,23 @@ those whose real budget is too small, as the paper's memory-unaware baselines); 
 adds FedProx's proximal term (``train.prox_mu``, or ``[fedhybrid] prox_mu`` when that is 0).
 ``memfl run --method fedhybrid --selection random|oort`` keeps FedHybrid's plans and swaps only
 the selector (the ablation).
+
+``[fedhybrid] plans = "keep"`` (issue 11 part 3: the plans' compression error, measured apart from
+everything else): the strategy decides exactly as with ``"planned"`` -- the same plans decide who is
+eligible, the selector sees the same candidates with the same planned round times and memory
+factors, and each instruction carries the *planned* plan's predicted peak, so the simulator's
+memory check kills the same clients -- and then sends the chosen clients full training (every
+segment ``keep``) instead of their hybrid plan: a counterfactual in which the client has the memory
+it lacks. With ``selection = "random"`` the picks of a seed are then identical to the planned
+run's (eligibility and kills depend on the contention traces only), so the accuracy difference per
+round is the compression error alone; with the ``fedhybrid`` selector the picks diverge only through
+the reported losses (its utility uses predicted, not measured, round times), and ``oort`` is fed the
+measured duration scaled by the planned plan's step-time ratio, the time the plan would have
+taken. What differs is the local compute: the virtual clock of a ``keep`` run charges full training,
+so compare accuracy per round, not time to accuracy. A client record's ``plan`` is then ``full``
+while its ``predicted_peak_bytes`` / ``budget_violation`` are the planned plan's; the round report
+names the planned plan and ``"trained": "full"``. A measurement tool for the simulator: on a runtime
+that enforces budgets (worker caps, Flower) the full step can really exceed the budget.
 """
 
 from __future__ import annotations
@@ -63,13 +80,17 @@ class FedHybrid(Strategy):
             explore=s.explore,
             explore_decay=s.explore_decay,
             explore_min=s.explore_min,
+            explore_rule=s.explore_rule,
         )
+        #: issue 11 part 3: hybrid plans decide everything, chosen clients train in full (module docs)
+        self.keep_plans = self.plans == "hybrid" and s.plans == "keep"
         self.margin = s.margin
         self.full_peak = int(ctx.peak_fn(Plan()))
         self._table: list[PlanChoice] | None = None
         # written by the runtime calls, not by hooks: client speeds seen by configure_train (for
         # aggregate_train's durations) and the last round's facts (for round_report)
         self._speeds: dict[int, float] = {}
+        self._ratios: dict[int, float] = {}  # keep_plans: the planned step-time ratio of each chosen client
         self._report: dict[str, Any] = {}
         hp = ctx.hparams
         self.prox_mu = (hp.prox_mu or s.prox_mu) if self.fedprox else hp.prox_mu
@@ -106,7 +127,7 @@ class FedHybrid(Strategy):
         baselines: full training whatever the budget), or None when none fits."""
         if self.plans == "full" and self.settings.baseline_memory == "unaware":
             return self.table()[0]  # memory-unaware baseline: full training, whatever the budget
-        return pick(self.table(), client.budget_bytes, self.margin)
+        return pick(self.table(), client.budget_bytes, self.margin, slack_bytes=int(self.settings.slack_mb * 2**20))
 
     def plan_for(self, client: ClientInfo, round: int) -> Plan | None:
         choice = self.choice_for(client)
@@ -153,23 +174,32 @@ class FedHybrid(Strategy):
     def round_facts(self, round: int, plans: Mapping[int, Plan | None], chosen: list[ClientInfo]) -> dict[str, Any]:
         """What :meth:`round_report` says about ``round``: the selector, how many were eligible,
         its exploration rate and each chosen client's plan, peak and predicted time."""
-        return {
+        eligible = [cid for cid, p in plans.items() if p is not None]
+        unexplored = self.selector.unexplored(eligible)  # the selector's view during this round's pick
+        facts = {
             "selection": self.selector.name,
-            "eligible": sum(1 for p in plans.values() if p is not None),
-            "epsilon": float(f"{self.selector.epsilon(round):.4f}"),
+            "eligible": len(eligible),
+            "unexplored": unexplored,
+            "epsilon": float(f"{self.selector.epsilon(round, unexplored, len(eligible)):.4f}"),
             "clients": {str(c.id): self._client_report(c, self._choice(c, plans[c.id])) for c in chosen},
         }
+        if self.keep_plans:
+            facts["plans"] = "keep"
+        return facts
 
     def _client_report(self, c: ClientInfo, choice: PlanChoice | None) -> dict[str, Any]:
         if choice is None:
             return {}
-        return {
+        report = {
             "plan": choice.plan.to_json(),
             "predicted_peak_bytes": choice.predicted_peak_bytes,
             "step_time_ratio": round(choice.step_time_ratio, 4),
             "predicted_seconds": round(self.predicted_seconds(c, choice), 4),
             "budget_bytes": c.budget_bytes,
         }
+        if self.keep_plans:
+            report["trained"] = "full"
+        return report
 
     def configure_train(
         self, round: int, global_params: dict[str, torch.Tensor], clients: list[ClientInfo]
@@ -177,12 +207,22 @@ class FedHybrid(Strategy):
         plans, chosen = self.plan_and_select(round, clients)
         self._speeds.update({c.id: c.speed for c in clients})
         self._report = self.round_facts(round, plans, chosen)
+        if self.keep_plans:
+            for c in chosen:
+                choice = self._choice(c, plans[c.id])
+                self._ratios[c.id] = choice.step_time_ratio if choice is not None else 1.0
         return [self.instruction(round, c, plans[c.id], global_params) for c in chosen]
 
     def instruction(
         self, round: int, client: ClientInfo, plan: Plan, global_params: dict[str, torch.Tensor]
     ) -> Instruction:
+        planned_peak = None
+        if self.keep_plans and plan.kind != "full":  # train in full, keep the plan's memory claim
+            planned_peak = self.ctx.peak_fn(plan)
+            plan = Plan()
         ins = super().instruction(round, client, plan, global_params)
+        if planned_peak is not None:
+            ins.predicted_peak_bytes = planned_peak
         if self.prox_mu != ins.hparams.prox_mu:
             ins.hparams = replace(ins.hparams, prox_mu=self.prox_mu)
         return ins
@@ -193,8 +233,9 @@ class FedHybrid(Strategy):
     ) -> dict[str, torch.Tensor]:
         for r in results:
             speed = self._speeds.get(r.client_id, 1.0)
+            compute = r.compute_seconds * (self._ratios.get(r.client_id, 1.0) if self.keep_plans else 1.0)
             self.selector.update(
-                round, r.client_id, r.sample_losses, r.num_samples, duration=r.compute_seconds / speed + self._transfer
+                round, r.client_id, r.sample_losses, r.num_samples, duration=compute / speed + self._transfer
             )
         return super().aggregate_train(round, global_params, results)
 

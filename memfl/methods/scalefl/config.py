@@ -22,8 +22,8 @@ class ScaleFLConfig(Section):
     plateau: float = Field(0.02, ge=0)  # advance when the loss improves < this fraction per round
     window: int = Field(3, ge=2)  # rounds the plateau slope is fitted over
     # the mentor's nHSIC(X,Z) and nHSIC(Y,P) weights, [first block, last block] (docs/SCALEFL.md)
-    beta: list[float] = Field(default_factory=lambda: [0.0, 0.1], min_length=2, max_length=2)
-    gamma: list[float] = Field(default_factory=lambda: [0.3, 0.1], min_length=2, max_length=2)
+    beta: list[float] = Field(default_factory=lambda: [0.0, 0.0], min_length=2, max_length=2)
+    gamma: list[float] = Field(default_factory=lambda: [1.0, 1.0], min_length=2, max_length=2)
     sigma: float = Field(5.0, gt=0)  # Gaussian kernel width
     # "raw": the kernel on the raw features (the formula; the authors' code). "rms": each input divided
     # by its batch RMS deviation first (memfl's earlier default; scale invariant, near-linear kernel)

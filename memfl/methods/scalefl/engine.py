@@ -27,7 +27,7 @@ nHSIC(X, Z_t), nHSIC(Y, Z_t), nHSIC(Y, P_t)).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -40,8 +40,8 @@ from memfl.methods.scalefl.model import ScaleFLModel
 from memfl.methods.scalefl.output import pool_features
 
 #: mentor defaults (first block, last block), chosen by the search in docs/SCALEFL.md
-DEFAULT_BETA = (0.0, 0.1)
-DEFAULT_GAMMA = (0.3, 0.1)
+DEFAULT_BETA = (0.0, 0.0)
+DEFAULT_GAMMA = (1.0, 1.0)
 
 
 class StageModule(nn.Module):
@@ -116,11 +116,39 @@ def as_scalefl(model: nn.Module, plan: Plan) -> ScaleFLModel:
     return view
 
 
-def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
+#: ``wrap`` of :func:`prepare_stage`: the stage's ``[(unit name, module)]`` with grad (the harmonized
+#: tail's units, then the trained block's) -> (a function running them in order on the frozen
+#: prefix's output, an optional saved-tensors context factory for the step)
+StageWrap = Callable[
+    [list[tuple[str, nn.Module]]], tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], ContextManager] | None]
+]
+
+
+def stage_segments(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module]]:
+    """The units of stage ``plan.stage`` that run with grad, in forward order: the harmonized tail
+    of block t-1 (when the harmonizer is on) then block t's units, as ``(unit name, module)`` --
+    what a ``wrap`` of :func:`prepare_stage` receives (names as in :func:`memfl.models.units`)."""
+    sm = as_scalefl(model, plan)
+    opts = scalefl_options(plan)
+    t = int(plan.stage)
+    if not 1 <= t <= sm.blocks_count:
+        raise ValueError(f"stage {t} out of range: the model is cut into {sm.blocks_count} blocks")
+    harm = harmonizer_for(sm, sm.partition, t, opts["harmonizer"])
+    names = list(harm.tail_units) + list(sm.partition.groups[t - 1])
+    return [(u, sm.get_submodule(u)) for u in names]
+
+
+def prepare_stage(model: nn.Module, plan: Plan, *, wrap: StageWrap | None = None) -> TrainStep:
     """The ``"stage"`` engine: train ScaleFL stage ``plan.stage`` of ``model`` (see module doc).
 
     model: a :class:`ScaleFLModel` (or a model it can adopt, see :func:`as_scalefl`). Returns the
-    :class:`TrainStep`; raises ValueError for a stage outside 1..T."""
+    :class:`TrainStep`; raises ValueError for a stage outside 1..T.
+
+    wrap: how the units with grad run (:data:`StageWrap`; default: the harmonized tail as one
+    checkpoint when ``recompute_tail``, then the trained units as they are). Given, it receives
+    :func:`stage_segments`' list and its runner replaces both (the tail's train/eval modes are
+    still set by the engine); its context becomes ``TrainStep.saved_tensors``. The combined
+    engine (:mod:`memfl.methods.combined.engine`) passes one running them under a hybrid plan."""
     sm = as_scalefl(model, plan)
     opts = scalefl_options(plan)
     T, t = sm.blocks_count, int(plan.stage)
@@ -163,6 +191,10 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
     frozen_mods = [sm.get_submodule(u) for u in harm.frozen_units]
     tail = HarmonizedTail(sm, harm, recompute=opts["recompute_tail"])
     trained_mods = [sm.get_submodule(u) for u in trained_units]
+    run_grad, saved_tensors = (None, None)
+    if wrap is not None:
+        segs = [(u, sm.get_submodule(u)) for u in list(harm.tail_units) + trained_units]
+        run_grad, saved_tensors = wrap(segs)
     stash: dict[str, torch.Tensor] = {}
     sums = {"nhsic_xz": 0.0, "nhsic_yz": 0.0, "nhsic_yp": 0.0, "batches": 0}
 
@@ -176,10 +208,13 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
         with torch.no_grad():
             for m in frozen_mods:
                 h = m(h)
-        if tail:
-            h = tail(h)
-        for m in trained_mods:
-            h = m(h)
+        if run_grad is not None:
+            h = run_grad(h)
+        else:
+            if tail:
+                h = tail(h)
+            for m in trained_mods:
+                h = m(h)
         if t == T:
             z, pooled = h, pool_features(h)
             logits = out_module(h)
@@ -231,4 +266,5 @@ def prepare_stage(model: nn.Module, plan: Plan) -> TrainStep:
         extra_loss=extra_loss if (mentor or opts["metrics"]) else None,
         sent_buffers=sent_buffers,
         metrics=metrics,
+        saved_tensors=saved_tensors,
     )

@@ -21,8 +21,9 @@ size before training; an allocation past it ends the round for this node with a 
 
 A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
 the memory the OS reports available now (``MemAvailable``). The node cuts its share with
-:func:`memfl.data.partition` from the run's seed, so it trains on exactly the samples the
-simulator gives client ``partition-id``; it keeps that share in a file for the rest of the run
+:func:`memfl.server.setup.client_indices` (the ``run.samples_per_client`` draw, then the
+partition, from the run's seed), so it trains on exactly the samples the simulator gives client
+``partition-id``; it keeps that share in a file for the rest of the run
 (``~/.cache/memfl/flower/run-ID/``), as every message starts a fresh ClientApp process.
 
 Two handlers:
@@ -147,11 +148,11 @@ def _dataset(config_json: str):
 
 @lru_cache(maxsize=8)
 def _indices(config_json: str, num_partitions: int):
-    from memfl.data import partition
+    from memfl.server.setup import client_indices
 
     config = build_config(json.loads(config_json))
     data = _dataset(config_json)
-    return partition(data.train_y.numpy(), num_partitions, config.run.partition, seed=config.run.seed)
+    return client_indices(config, data.train_y.numpy(), num_partitions)
 
 
 def client_data(
