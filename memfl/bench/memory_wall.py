@@ -557,6 +557,8 @@ def centralised(config_file: Path, seed: int, subset: str, steps: int = REFERENC
     y = torch.cat([c.y for c in chosen])
     torch.manual_seed(seed)
     model = build(Plan())
+    # a plain loop, not LocalTrainer: the reference runs a fixed number of steps on one pooled set with
+    # evaluations in between, none of which an Instruction (one client's epochs) expresses
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     order, pos, accs = torch.randperm(len(x), generator=gen), 0, []
