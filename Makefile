@@ -20,9 +20,10 @@ install: $(STAMP)
 data: $(STAMP)
 	@bash scripts/get-data.sh $(BIN)/python
 
-## demo: the default experiment (100 clients, Dirichlet 0.5, device-profile budgets)
+## demo: what memfl is for: memfl vs exclusive vs fedavg on the memory-wall regime, 40 rounds
+## (~5 min on 2 cores): a table and results/demo/demo.png (accuracy vs virtual time, participation)
 demo: install data
-	$(BIN)/memfl run --config configs/demo.toml
+	$(BIN)/memfl demo --out results/demo
 
 # pytest-xdist on the 2 cores; loadfile keeps each test file on one worker, so module-scoped
 # fixtures (tests/test_flower.py's shared SuperLink) start once

@@ -70,6 +70,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "scalefl-no-mentor": ("scalefl", ["--no-mentor"]),
     "scalefl-no-harmonizer": ("scalefl", ["--no-harmonizer"]),
     "scalefl-cyclic": ("scalefl", ["--schedule", "cyclic"]),
+    # issue 12: FedHybrid in this regime (budgets as configured, no contention) and memfl's own method
+    "fedhybrid": ("fedhybrid", []),
+    "memfl": ("memfl", []),
 }
 SEEDS = (0, 1, 2)
 QUICK_METHODS = ("fedavg", "exclusive", "scalefl")
@@ -187,14 +190,15 @@ def make_jobs(
     return jobs
 
 
-def schedule(jobs: list[Job], on_done, jobs_at_once: int = JOBS, poll: float = 0.5) -> None:
-    """Run ``jobs`` (those not already complete), ``jobs_at_once`` at a time; ``on_done(job)`` after each."""
+def schedule(jobs: list[Job], on_done, jobs_at_once: int = JOBS, poll: float = 0.5, tag: str = NAME) -> None:
+    """Run ``jobs`` (those not already complete), ``jobs_at_once`` at a time; ``on_done(job)`` after
+    each; progress lines start with ``[tag]``."""
     pending = []
     for job in jobs:
         res = complete(job.out, job.rounds)
         if res is not None:
             job.facts = facts(res)
-            print(f"[{NAME}] {job.key}: complete, skipped", flush=True)
+            print(f"[{tag}] {job.key}: complete, skipped", flush=True)
         else:
             pending.append(job)
     running: list[Job] = []
@@ -209,7 +213,7 @@ def schedule(jobs: list[Job], on_done, jobs_at_once: int = JOBS, poll: float = 0
                 job.proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
                 log.close()
                 running.append(job)
-                print(f"[{NAME}] {job.key}: started", flush=True)
+                print(f"[{tag}] {job.key}: started", flush=True)
             time.sleep(poll)
             for job in list(running):
                 rc = job.proc.poll()
@@ -222,7 +226,7 @@ def schedule(jobs: list[Job], on_done, jobs_at_once: int = JOBS, poll: float = 0
                     raise RuntimeError(f"{job.key} failed (exit {rc}); see {job.out.parent / (job.key + '.log')}")
                 job.facts = facts(res)
                 print(
-                    f"[{NAME}] {job.key}: final {100 * job.facts['final_accuracy']:.2f}% in {job.wall_seconds:.0f} s",
+                    f"[{tag}] {job.key}: final {100 * job.facts['final_accuracy']:.2f}% in {job.wall_seconds:.0f} s",
                     flush=True,
                 )
                 on_done(job)

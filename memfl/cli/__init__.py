@@ -1,4 +1,4 @@
-"""The ``memfl`` command: ``run``, ``memory``, ``plan``, ``bench``, ``report``, ``flower``.
+"""The ``memfl`` command: ``run``, ``demo``, ``memory``, ``plan``, ``bench``, ``report``, ``flower``.
 
 One module per sub-command (:mod:`memfl.cli.run`, ...), each with ``add_parser(sub)`` and its
 ``cmd_*`` function. Errors the user can fix (bad config, missing data, bad flag values) are
@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memfl.cli import bench, flower, memory, plan, report, run
+from memfl.cli import bench, demo, flower, memory, plan, report, run
 from memfl.cli.common import UsageError, console
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memfl", description="Federated learning for memory-constrained clients.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (run, memory, bench, report, plan, flower):
+    for command in (run, demo, memory, bench, report, plan, flower):
         command.add_parser(sub)
     return parser
 

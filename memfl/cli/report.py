@@ -22,6 +22,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     console.print(f"plot: {path}")
     if any(r["rounds"] and r["rounds"][-1].get("virtual_seconds") for r in runs):
         console.print(f"plot: {plot_accuracy(runs, out / 'accuracy_time.png', labels=labels, x='virtual_seconds')}")
+    from memfl.report.compare import comparison_table, plot_comparison
+
+    # side by side: accuracy, who could take part, time (the figure `memfl demo` draws)
+    Console().print(comparison_table(runs, labels))
+    console.print(f"plot: {plot_comparison(runs, out / 'comparison.png', labels=labels)}")
     from memfl.report.nhsic import has_nhsic, plot_nhsic_plane
 
     for d, run, label in zip(args.dirs, runs, labels):

@@ -9,7 +9,7 @@ simulator and the Flower ServerApp) call exactly these two methods.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -49,6 +49,8 @@ class FederationContext:
                  model, the one source of the method's defaults), or None for a method without one.
     aggregation: the ``[aggregation]`` section (rule, trim, clip_norm), read by
                  :meth:`Strategy.aggregate`; None: plain FedAvg.
+    sections:    every registered method section of the config by table name (``{"scalefl": ...,
+                 "fedhybrid": ...}``), for a method that combines others' settings (``memfl``).
     """
 
     model_fn: Callable[[Plan], nn.Module]
@@ -61,6 +63,7 @@ class FederationContext:
     rounds: int = 0
     settings: Any = None
     aggregation: AggregationConfig | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy:

@@ -17,7 +17,7 @@ import torch
 
 from memfl.config import Config
 from memfl.core.protocol import HyperParams, Plan
-from memfl.core.registry import METHOD_SECTIONS, STRATEGIES
+from memfl.core.registry import CONFIG_SECTIONS, METHOD_SECTIONS, STRATEGIES
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 from memfl.data import Dataset, assign_budgets, load_dataset, make_synthetic, partition
 from memfl.data.user import import_object, load_user_dataset
@@ -186,6 +186,7 @@ def make_context(
         rounds=config.run.rounds,
         settings=config.section(METHOD_SECTIONS[config.run.method]),
         aggregation=config.aggregation,
+        sections={name: config.section(name) for name in CONFIG_SECTIONS},
     )
 
 

@@ -848,7 +848,7 @@ def run_bench(
             if mw.complete(job.out, job.rounds) is not None:
                 job.facts = {}
     else:
-        mw.schedule(jobs, on_done, jobs_at_once)
+        mw.schedule(jobs, on_done, jobs_at_once, tag=NAME)
     ran = [j.wall_seconds for j in jobs if j.wall_seconds is not None]
     cpu_share = (_children_cpu() - cpu0) / sum(ran) if ran and sum(ran) > 0 else None
     if cpu_share is None:  # every run was complete already: the share measured when they ran
