@@ -3,7 +3,7 @@
 A config file has one table per section::
 
     [run]
-    method = "fedavg"          # fedavg | exclusive | ...
+    method = "memfl"           # memfl (default) | fedavg | exclusive | scalefl | fedhybrid | ...
     model = "cnn"
     dataset = "fashion-mnist"
     clients = 100
@@ -89,7 +89,7 @@ def parse_deadline(value: str | float | None) -> tuple[str, float] | None:
 class RunConfig(Section):
     """Who trains what, where, for how long."""
 
-    method: str = "fedavg"
+    method: str = "memfl"
     model: str = "cnn"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None

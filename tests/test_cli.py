@@ -85,8 +85,10 @@ def test_run_and_report_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "fedavg" in table and "accuracy" in table
+    assert "memfl" in table and "accuracy" in table  # the default method
+    assert "mean over rounds" in table  # the comparison table (its caption; rich wraps the header at 80 columns)
     assert (out / "accuracy.png").stat().st_size > 1000  # report drew the plot again
+    assert (out / "comparison.png").stat().st_size > 1000  # accuracy vs time + participation
 
 
 # the entry point pip installed next to this interpreter (the venv's bin/), else one on PATH

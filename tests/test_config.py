@@ -5,7 +5,7 @@ from memfl.config import ConfigError, build_config, load_config, with_overrides
 
 def test_defaults_are_valid():
     cfg = build_config()
-    assert cfg.run.method == "fedavg" and cfg.train.batch_size == 32
+    assert cfg.run.method == "memfl" and cfg.train.batch_size == 32
 
 
 def test_unknown_key_names_key_and_choices(tmp_path):

@@ -40,10 +40,17 @@ def _config(tmp_path, **memfl):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run_dir(tmp_path_factory):
     from memfl.runtime.sim import run_experiment
 
-    return run_experiment(_config(tmp_path_factory.mktemp("memfl")), progress=False)
+    tmp = tmp_path_factory.mktemp("memfl")
+    run_experiment(_config(tmp), progress=False)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return json.loads((run_dir / "run" / "results.json").read_text())
 
 
 def test_every_phase_in_order_then_the_whole_model(run):
@@ -84,28 +91,33 @@ def test_sit_out_leaves_the_rest_out_of_the_end_to_end_phase(tmp_path):
     assert last["eligible_clients"] == last["strategy"]["whole_model"] == last["strategy"]["eligible"]
 
 
-def test_tables_come_back_from_the_checkpoint_without_a_new_solve(tmp_path):
-    from memfl.core.protocol import Plan
+def test_tables_come_back_from_the_checkpoint_without_a_new_solve(run_dir):
     from memfl.core.strategy import ClientInfo
     from memfl.data import make_synthetic
     from memfl.methods.combined import Memfl
+    from memfl.methods.combined.strategy import Entry
     from memfl.server.setup import make_context, model_builder
 
-    cfg = _config(tmp_path)
+    state = json.loads((run_dir / "run" / "checkpoint.json").read_text())["strategy"]
+    cfg = _config(run_dir)
     data = make_synthetic()
     fn = model_builder(cfg, data.input_shape, data.num_classes)
-    ctx = make_context(cfg, data.input_shape, data.num_classes, fn)
-    a = Memfl(ctx)
-    full = ctx.peak_fn(Plan())
-    client = ClientInfo(id=0, num_samples=50, device="phone", speed=1.0, budget_bytes=int(0.9 * full))
-    plan = a.plan_for(client, 1)
-    assert plan is not None and plan.stage == 1
-    b = Memfl(ctx)
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert b.tables_json() == a.tables_json()
-    assert b.plan_for(client, 1) == plan and b._profile is None  # looked up, not re-solved
+    b = Memfl(make_context(cfg, data.input_shape, data.num_classes, fn))
+    b.load_state_dict(state)
+    assert json.loads(b.tables_json()) == state["tables"]
+    assert set(state["tables"]) == {"stage:1", "stage:2", "stage:3", "stage:4", "model"}
+    # the run ended in the end-to-end phase: a client is planned from the restored tables, no new
+    # solve -- room for the whole model: its fastest plan; below the smallest: stage 4's
+    assert b.phase_for(8) == 5
+    whole = [Entry.from_json(e) for e in state["tables"]["model"]]
+    last = [Entry.from_json(e) for e in state["tables"]["stage:4"]]
+    rich = ClientInfo(id=0, num_samples=50, device="phone", speed=1.0, budget_bytes=10 * whole[0].peak)
+    assert b.plan_for(rich, 8) == whole[0].plan
+    poor = ClientInfo(id=1, num_samples=50, device="phone", speed=1.0, budget_bytes=whole[-1].peak)
+    assert b.plan_for(poor, 8) in [e.plan for e in last]
+    assert b._profile is None
     # each table is a Pareto frontier: faster plans need more memory
-    for entries in a._tables.values():
+    for entries in b._tables.values():
         assert all(x.seconds <= y.seconds and x.peak > y.peak for x, y in zip(entries, entries[1:]))
 
 

@@ -72,6 +72,7 @@ RUN_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "cut": ("scalefl.partition", str),
     # method = fedhybrid (docs/FEDHYBRID.md)
     "selection": ("fedhybrid.selection", str),
+    "rest": ("memfl.rest", str),  # memfl: last-stage | sit-out (the end-to-end phase)
 }
 
 #: on/off switches: flag -> (config key, value it sets)

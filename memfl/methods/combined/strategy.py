@@ -100,11 +100,45 @@ def _r4(x: float) -> float:
 
 
 def sections(ctx: FederationContext) -> tuple[MemflConfig, ScaleFLConfig, FedHybridConfig]:
-    """``[memfl]``, ``[scalefl]``, ``[fedhybrid]`` of the context (defaults where absent)."""
+    """``[memfl]``, ``[scalefl]``, ``[fedhybrid]`` of the context (defaults where absent).
+
+    memfl is the default method, so it must take small models too: when ``[scalefl] blocks`` is
+    not set and the model has fewer units with parameters than the default T, the model is cut
+    into as many blocks as it has (an MLP of two linear layers: 2). An explicit ``blocks`` the
+    model cannot take still raises ScaleFL's PartitionError."""
     own = ctx.settings if isinstance(ctx.settings, MemflConfig) else MemflConfig()
     sc = ctx.sections.get("scalefl") or ScaleFLConfig()
     fh = ctx.sections.get("fedhybrid") or FedHybridConfig()
+    if "blocks" not in sc.model_fields_set and sc.blocks > 1:
+        sc = sc.model_copy(update={"blocks": _blocks_that_fit(ctx, sc)})
     return own, sc, fh
+
+
+def _blocks_that_fit(ctx: FederationContext, sc: ScaleFLConfig) -> int:
+    """The largest T <= ``sc.blocks`` the model can be cut into."""
+    from memfl.methods.scalefl.model import ScaleFLModel
+    from memfl.methods.scalefl.partition import PartitionError
+
+    with torch.random.fork_rng(devices=[]):
+        arch = getattr(ctx.model_fn(Plan()), "arch", None) or {}
+    shape = None if {"in_channels", "image_size"} <= arch.keys() else tuple(ctx.input_shape)
+    for blocks in range(sc.blocks, 1, -1):
+        try:
+            with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
+                ScaleFLModel(
+                    ctx.model_fn(Plan()),
+                    blocks,
+                    mode=sc.partition,
+                    input_shape=shape,
+                    batch_size=ctx.hparams.batch_size,
+                    exit_width=sc.exit_width,
+                    projection=sc.projection,
+                )
+            return blocks
+        except PartitionError as err:
+            if "cannot cut it into" not in str(err):
+                raise
+    return 1
 
 
 class Memfl(ScaleFL):
