@@ -73,7 +73,6 @@ RUN_FLAGS: dict[str, tuple[str, Callable[[str], Any]]] = {
     # method = fedhybrid (docs/FEDHYBRID.md)
     "selection": ("fedhybrid.selection", str),
     "rest": ("memfl.rest", str),  # memfl: last-stage | sit-out (the end-to-end phase)
-    "whole_model": ("memfl.whole_model", str),  # memfl: after-stages | always
 }
 
 #: on/off switches: flag -> (config key, value it sets)

@@ -25,10 +25,5 @@ class MemflConfig(Section):
     # in that phase, the clients whose budget admits no whole-model plan: "last-stage" keeps
     # training stage T (block T + the harmonized layer + the head), "sit-out" leaves them out
     rest: Literal["last-stage", "sit-out"] = "last-stage"
-    # when a whole-model plan (full, hybrid) may be given: "after-stages" (the end-to-end phase only,
-    # after ScaleFL's T stages) or "always" (every round: a client whose budget admits a whole-model
-    # plan trains the whole model, the others the current stage -- the combined planner's own rule,
-    # memfl.methods.combined.auto: a plan that trains the whole model beats any stage plan)
-    whole_model: Literal["after-stages", "always"] = "after-stages"
     # budgets each scope's plan table (the whole model; each stage) is solved for
     plan_levels: int = Field(12, ge=2)

@@ -23,11 +23,6 @@ Every round:
      planner, :func:`memfl.methods.fedhybrid.planner.frontier`); a client with no whole-model
      plan then trains stage T's table (``[memfl] rest = "last-stage"``) or sits out (``"sit-out"``).
 
-   With ``[memfl] whole_model = "always"`` the whole-model table comes first in *every* phase: a
-   client whose budget admits a full or hybrid plan trains the whole model, the others the current
-   stage (the output module ``O_t`` is then averaged with the unchanged copies the whole-model
-   clients return, and the global model is evaluated whole from round 1).
-
    This is the combined planner's rule (:func:`memfl.methods.combined.auto_plan`) restricted to the
    federation's current scope: within a scope the fastest predicted step that fits wins. The
    tables replace a per-client solve (seconds to minutes each) by a lookup.
@@ -156,7 +151,6 @@ class Memfl(ScaleFL):
         super().__init__(replace(ctx, settings=sc))
         self.own, self.fh = own, fh
         self.end_to_end = own.end_to_end and sc.schedule == "elastic"
-        self.always_whole = own.whole_model == "always"
         if self.end_to_end:  # one more phase, T + 1: the whole model
             phases = self.T + 1
             r_max = sc.r_max if sc.r_max else max(1, ctx.rounds // phases if ctx.rounds else 10)
@@ -240,10 +234,8 @@ class Memfl(ScaleFL):
         return int(self.ctx.peak_fn(plan)) + self._extra_bytes
 
     def scopes(self) -> list[str]:
-        """The scopes this run plans in: every stage, and the whole model with the end-to-end phase
-        (or with ``whole_model = "always"``)."""
-        whole = self.end_to_end or self.always_whole
-        return [f"stage:{t}" for t in range(1, self.T + 1)] + ([WHOLE] if whole else [])
+        """The scopes this run plans in: every stage, and the whole model with the end-to-end phase."""
+        return [f"stage:{t}" for t in range(1, self.T + 1)] + ([WHOLE] if self.end_to_end else [])
 
     def table(self, scope: str) -> list[Entry]:
         """The plans of ``scope`` (``"model"`` or ``"stage:t"``), fastest first, each faster than
@@ -305,10 +297,9 @@ class Memfl(ScaleFL):
         """(scope, the table entry) of ``client``'s plan in round ``round``, or None: no plan fits."""
         limit = fit_limit(client.budget_bytes, self.margin, self.slack)
         phase = self.phase_for(round)
-        if phase <= self.T:
-            scopes = [WHOLE, f"stage:{phase}"] if self.own.whole_model == "always" else [f"stage:{phase}"]
-        else:
-            scopes = [WHOLE] + ([f"stage:{self.T}"] if self.own.rest == "last-stage" else [])
+        scopes = [f"stage:{phase}"] if phase <= self.T else [WHOLE]
+        if phase > self.T and self.own.rest == "last-stage":
+            scopes.append(f"stage:{self.T}")
         for sc in scopes:
             for e in self.table(sc):  # fastest first
                 if e.peak <= limit:
@@ -407,7 +398,7 @@ class Memfl(ScaleFL):
             "schedule": self.schedule,
             "clients": {},
         }
-        if phase > self.T or self.always_whole:
+        if phase > self.T:
             report["whole_model"] = sum(1 for p in plans.values() if p is not None and self._whole(p))
         by_id = {c.id: c for c in clients}
         out = []
@@ -443,10 +434,7 @@ class Memfl(ScaleFL):
             )
         phase = self.phase_for(round)
         if phase <= self.T:  # ScaleFL's aggregation, nHSIC report and schedule advance
-            new = super().aggregate_train(round, global_params, results)
-            if self.always_whole and "exit_stage" in new:  # the whole model trains all along: evaluate it
-                new["exit_stage"] = torch.tensor(self.T, dtype=torch.long)
-            return new
+            return super().aggregate_train(round, global_params, results)
         new = self.aggregate(global_params, results)
         rep = self._report.setdefault(round, {"phase": "end-to-end", "stage": self.T})
         if results:
