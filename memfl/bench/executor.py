@@ -18,13 +18,17 @@ it, and with glibc's mmap threshold fixed, an allocator setting it does not use)
 load average is recorded before and after: other jobs on the machine slow the parallel executor
 more than the sequential one.
 
-Flower's simulation engine (``flwr[simulation]``, Ray) is not installed in this environment
-(``pip install --dry-run "flwr[simulation]==1.41.0"`` would add ray 2.55.1 and six small
-packages and keep torch), so the comparison with it is not part of this benchmark.
+When Flower's simulation engine is installed (``pip install "flwr[simulation]==1.41.0"``: ray
+2.55.1 and six small packages, torch unchanged; not a memfl dependency), a third run does the same
+job on it: memfl's own ServerApp and ClientApp (the same trainer, the same clients' data) under
+``flwr.simulation.run_simulation`` with one one-CPU actor per core
+(:mod:`memfl.runtime.flower.simulation`); its memory is the same process-tree sum (the driver, Ray's
+workers and its raylet / GCS processes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -47,6 +51,17 @@ torch.set_num_threads(int(sys.argv[2]))
 res = run_experiment(cfg, progress=False)
 keys = ("round", "accuracy", "loss", "round_seconds", "timing")
 json.dump({"rounds": [{k: r[k] for k in keys} for r in res["rounds"]]}, open(sys.argv[3], "w"))
+"""
+
+_RUN_FLOWER_SIM = r"""
+import json, sys
+from memfl.config import build_config
+from memfl.runtime.flower.simulation import run
+cfg = build_config(json.loads(sys.argv[1]))
+run(cfg, cpus_per_node=1.0)
+res = json.load(open(cfg.run.out + "/results.json"))
+keys = ("round", "accuracy", "loss", "round_seconds", "timing")
+json.dump({"rounds": [{k: r.get(k) for k in keys} for r in res["rounds"]]}, open(sys.argv[3], "w"))
 """
 
 _STEP = r"""
@@ -101,13 +116,13 @@ def _rollup(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def _run_one(config: dict[str, Any], threads: int, work: Path) -> dict[str, Any]:
+def _run_one(config: dict[str, Any], threads: int, work: Path, program: str = _RUN) -> dict[str, Any]:
     """One executor in a fresh subprocess; its rounds, wall time and peak memory of its processes."""
     out = work / "rounds.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN, json.dumps(config), str(threads), str(out)], env=env, stderr=subprocess.PIPE
+        [sys.executable, "-c", program, json.dumps(config), str(threads), str(out)], env=env, stderr=subprocess.PIPE
     )
     peak = {"rss": 0, "pss": 0, "processes": 0}
     done = threading.Event()
@@ -153,6 +168,10 @@ def _step_cost(steps: int) -> dict[str, Any]:
     return res
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -187,15 +206,24 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
             r.update(workers=w, threads_per_worker=threads)
             results[name] = r
             finals[name] = load_file(str(work / "run" / "checkpoint.safetensors"))
+        flower = None
+        if importlib.util.find_spec("ray") is not None and importlib.util.find_spec("flwr") is not None:
+            work = Path(tmp) / "flower-sim"
+            work.mkdir()
+            cfg = json.loads(json.dumps(base))
+            cfg["run"].update(workers=1, out=str(work / "run"))
+            flower = _run_one(cfg, 1, work, program=_RUN_FLOWER_SIM)
+            flower.update(workers=cores, threads_per_worker=1)
     load_after = os.getloadavg()
     (a, pa), (b, pb) = finals.items()
     max_diff = max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa if pa[k].is_floating_point())
     max_ref = max(float(pa[k].double().abs().max()) for k in pa if pa[k].is_floating_point())
     step = _step_cost(100 if quick else 300)
 
-    def median(r: dict[str, Any], key: str | None) -> float:
-        vals = [x["round_seconds"] if key is None else x["timing"][key] for x in r["rounds"]]
-        return statistics.median(vals)
+    def median(r: dict[str, Any], key: str | None) -> float | None:
+        vals = [x["round_seconds"] if key is None else (x.get("timing") or {}).get(key) for x in r["rounds"]]
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else None
 
     rows = []
     for name, r in results.items():
@@ -214,6 +242,31 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
             }
         )
     ratio = rows[1]["round_seconds"] / rows[0]["round_seconds"]
+    if flower is not None:
+        results[f"Flower simulation ({cores} one-CPU actors)"] = flower
+        rows.append(
+            {
+                "executor": f"Flower simulation ({cores} one-CPU actors)",
+                "workers": cores,
+                "threads_per_worker": 1,
+                "round_seconds": median(flower, None),
+                "train_seconds": None,
+                "evaluate_seconds": None,
+                "job_seconds": flower["job_seconds"],
+                "peak_rss_sum_mb": flower["peak_rss_sum_bytes"] / 2**20,
+                "peak_pss_sum_mb": flower["peak_pss_sum_bytes"] / 2**20,
+                "accuracy": [x["accuracy"] for x in flower["rounds"]],
+            }
+        )
+    vs_flower = None
+    if flower is not None:
+        fl = rows[-1]
+        vs_flower = {
+            "round": rows[1]["round_seconds"] / fl["round_seconds"],
+            "job": rows[1]["job_seconds"] / fl["job_seconds"],
+            "pss": rows[1]["peak_pss_sum_mb"] / fl["peak_pss_sum_mb"],
+            "rss": rows[1]["peak_rss_sum_mb"] / fl["peak_rss_sum_mb"],
+        }
     summary = {
         "cores": cores,
         "rounds": rounds,
@@ -226,7 +279,9 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         "max_abs_param_diff": max_diff,
         "max_abs_param": max_ref,
         "step_seconds": step,
-        "flower_simulation": "not installed (pip --dry-run: would add ray 2.55.1 + 6 packages, torch unchanged)",
+        "flower_simulation": vs_flower
+        if vs_flower is not None
+        else "not installed (pip install 'flwr[simulation]==1.41.0' adds ray 2.55.1; torch unchanged)",
         "raw": results,
     }
     (out / "executor.json").write_text(json.dumps(summary, indent=1))
@@ -243,8 +298,8 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['executor']} | {r['threads_per_worker']} | {r['round_seconds']:.2f} | {r['train_seconds']:.2f} | "
-            f"{r['evaluate_seconds']:.2f} | {r['job_seconds']:.1f} | {r['peak_rss_sum_mb']:.0f} | "
+            f"| {r['executor']} | {r['threads_per_worker']} | {r['round_seconds']:.2f} | {_f(r['train_seconds'])} | "
+            f"{_f(r['evaluate_seconds'])} | {r['job_seconds']:.1f} | {r['peak_rss_sum_mb']:.0f} | "
             f"{r['peak_pss_sum_mb']:.0f} |"
         )
     lines += [
@@ -258,8 +313,15 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in step.items())
         + ".",
         "",
-        'Flower\'s simulation engine: not installed here (`pip install --dry-run "flwr[simulation]==1.41.0"` '
-        "would add ray 2.55.1 and six packages, torch unchanged); not compared.",
+        (
+            f"Against Flower's simulation engine (memfl's own ServerApp/ClientApp under run_simulation, {cores} "
+            f"one-CPU actors), {workers} workers take **{vs_flower['round']:.2f}x** its median round time "
+            f"(goal <= 0.6x), {vs_flower['job']:.2f}x its job time, and **{vs_flower['pss']:.2f}x** its peak "
+            f"PSS sum ({vs_flower['rss']:.2f}x RSS sum; goal <= 0.5x)."
+            if vs_flower is not None
+            else 'Flower\'s simulation engine: not installed (`pip install "flwr[simulation]==1.41.0"` adds '
+            "ray 2.55.1 and six packages, torch unchanged); not compared."
+        ),
     ]
     (out / "executor.md").write_text("\n".join(lines) + "\n")
     return {k: v for k, v in summary.items() if k != "raw"}
