@@ -214,6 +214,7 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
             cfg["run"].update(workers=1, out=str(work / "run"))
             flower = _run_one(cfg, 1, work, program=_RUN_FLOWER_SIM)
             flower.update(workers=cores, threads_per_worker=1)
+            results[f"Flower simulation ({cores} one-CPU actors)"] = flower  # its row: the last
     load_after = os.getloadavg()
     (a, pa), (b, pb) = finals.items()
     max_diff = max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa if pa[k].is_floating_point())
@@ -242,22 +243,6 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
             }
         )
     ratio = rows[1]["round_seconds"] / rows[0]["round_seconds"]
-    if flower is not None:
-        results[f"Flower simulation ({cores} one-CPU actors)"] = flower
-        rows.append(
-            {
-                "executor": f"Flower simulation ({cores} one-CPU actors)",
-                "workers": cores,
-                "threads_per_worker": 1,
-                "round_seconds": median(flower, None),
-                "train_seconds": None,
-                "evaluate_seconds": None,
-                "job_seconds": flower["job_seconds"],
-                "peak_rss_sum_mb": flower["peak_rss_sum_bytes"] / 2**20,
-                "peak_pss_sum_mb": flower["peak_pss_sum_bytes"] / 2**20,
-                "accuracy": [x["accuracy"] for x in flower["rounds"]],
-            }
-        )
     vs_flower = None
     if flower is not None:
         fl = rows[-1]

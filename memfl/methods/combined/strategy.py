@@ -49,7 +49,6 @@ plans are not used (their measured peak on ResNet-18 sits far above the estimate
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
@@ -66,10 +65,9 @@ from memfl.methods.fedhybrid.config import FedHybridConfig
 from memfl.methods.fedhybrid.planner import fit_limit, frontier
 from memfl.methods.fedhybrid.profile import ModelProfile, profile_model
 from memfl.methods.fedhybrid.selection import Candidate, Selector
-from memfl.methods.fedhybrid.strategy import BANDWIDTH_MBPS
+from memfl.methods.fedhybrid.strategy import BANDWIDTH_MBPS, local_steps
 from memfl.methods.scalefl.config import ScaleFLConfig
-from memfl.methods.scalefl.schedule import StageSchedule
-from memfl.methods.scalefl.strategy import ScaleFL
+from memfl.methods.scalefl.strategy import ScaleFL, stage_schedule
 
 #: the scope name of the end-to-end phase's table
 WHOLE = "model"
@@ -152,19 +150,7 @@ class Memfl(ScaleFL):
         self.own, self.fh = own, fh
         self.end_to_end = own.end_to_end and sc.schedule == "elastic"
         if self.end_to_end:  # one more phase, T + 1: the whole model
-            phases = self.T + 1
-            r_max = sc.r_max if sc.r_max else max(1, ctx.rounds // phases if ctx.rounds else 10)
-            self.scheduler = StageSchedule(
-                sc.schedule,
-                phases,
-                sc.r_min,
-                r_max,
-                sc.window,
-                sc.plateau,
-                rule=sc.advance,
-                movement_window=sc.movement_window,
-                movement_threshold=sc.movement_threshold,
-            )
+            self.scheduler = stage_schedule(sc, self.T + 1, ctx.rounds)
         self.selector = Selector(
             name=fh.selection,
             explore=fh.explore,
@@ -185,7 +171,7 @@ class Memfl(ScaleFL):
         self._full_step_seconds = 0.0  # set with the tables (and restored from a checkpoint)
         self._speeds: dict[int, float] = {}
         self._sent: dict[int, float] = {}  # client -> transfer seconds of its last instruction
-        self._facts: dict[int, dict[str, Any]] = {}
+        self._transfers: dict[str, float] = {}  # scope -> transfer seconds of what its plans send
 
     @classmethod
     def wrap_model_fn(
@@ -344,21 +330,20 @@ class Memfl(ScaleFL):
         return ins
 
     def _transfer_seconds(self, plan: Plan) -> float:
-        """Seconds to send and return what ``plan`` needs at :data:`BANDWIDTH_MBPS`."""
-        state = self._model.state_dict()
-        names = state if self._whole(plan) else self._stage_names(plan)[1]
-        nbytes = sum(state[k].numel() * state[k].element_size() for k in names if k in state)
-        return 2 * nbytes * 8 / (BANDWIDTH_MBPS * 1e6)
-
-    def _steps(self, client: ClientInfo) -> int:
-        hp = self.ctx.hparams
-        bs = max(2, min(hp.batch_size, client.num_samples))
-        steps = hp.local_epochs * max(1, math.ceil(client.num_samples / bs))
-        return min(steps, hp.max_steps) if hp.max_steps else steps
+        """Seconds to send and return what ``plan`` needs at :data:`BANDWIDTH_MBPS` (once per scope:
+        every plan of a scope sends the same tensors)."""
+        key = WHOLE if self._whole(plan) else f"stage:{plan.stage}"
+        if key not in self._transfers:
+            state = self._model.state_dict()
+            names = state if self._whole(plan) else self._stage_names(plan)[1]
+            nbytes = sum(state[k].numel() * state[k].element_size() for k in names if k in state)
+            self._transfers[key] = 2 * nbytes * 8 / (BANDWIDTH_MBPS * 1e6)
+        return self._transfers[key]
 
     def predicted_seconds(self, client: ClientInfo, entry: Entry) -> float:
         """Round time of ``client`` under ``entry``'s plan on its device: compute + transfer."""
-        return self._steps(client) * entry.seconds / client.speed + self._transfer_seconds(entry.plan)
+        steps = local_steps(self.ctx.hparams, client.num_samples)
+        return steps * entry.seconds / client.speed + self._transfer_seconds(entry.plan)
 
     # -- selection ------------------------------------------------------------------------------
     def select(
@@ -400,12 +385,11 @@ class Memfl(ScaleFL):
         }
         if phase > self.T:
             report["whole_model"] = sum(1 for p in plans.values() if p is not None and self._whole(p))
-        by_id = {c.id: c for c in clients}
         out = []
         for c in chosen:
             plan = plans[c.id]
             e = self._entry(c, round, plan)
-            ins = self.instruction(round, by_id[c.id], plan, global_params)
+            ins = self.instruction(round, c, plan, global_params)
             self._sent[c.id] = self._transfer_seconds(plan)
             if e is not None:
                 report["clients"][str(c.id)] = {

@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from memfl.core.protocol import Instruction, Plan, Result
+from memfl.core.protocol import HyperParams, Instruction, Plan, Result
 from memfl.core.strategy import ClientInfo, FederationContext, Strategy
 from memfl.methods.fedhybrid.config import FedHybridConfig
 from memfl.methods.fedhybrid.planner import PlanChoice, frontier, full_choice, pick
@@ -61,6 +61,14 @@ from memfl.methods.fedhybrid.selection import Candidate, Selector
 
 #: bandwidth the selector assumes for transfers (the simulator's virtual clock uses the same)
 BANDWIDTH_MBPS = 20.0
+
+
+def local_steps(hp: HyperParams, num_samples: int) -> int:
+    """Optimizer steps of one client round: epochs x batches (the trainer skips 1-sample batches;
+    at most ``max_steps``)."""
+    bs = max(2, min(hp.batch_size, num_samples))
+    steps = hp.local_epochs * max(1, math.ceil(num_samples / bs))
+    return min(steps, hp.max_steps) if hp.max_steps else steps
 
 
 class FedHybrid(Strategy):
@@ -143,10 +151,7 @@ class FedHybrid(Strategy):
 
     # -- selection ------------------------------------------------------------------------------
     def _steps(self, client: ClientInfo) -> int:
-        hp = self.ctx.hparams
-        bs = max(2, min(hp.batch_size, client.num_samples))
-        steps = hp.local_epochs * max(1, math.ceil(client.num_samples / bs))
-        return min(steps, hp.max_steps) if hp.max_steps else steps
+        return local_steps(self.ctx.hparams, client.num_samples)
 
     def predicted_seconds(self, client: ClientInfo, choice: PlanChoice | None) -> float:
         """Round time on the client's device under ``choice`` (None: full training): compute +

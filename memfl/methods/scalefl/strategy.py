@@ -43,7 +43,24 @@ from memfl.methods.scalefl.config import ScaleFLConfig
 from memfl.methods.scalefl.model import ScaleFLModel, scalefl_model_fn
 from memfl.methods.scalefl.schedule import StageSchedule, plateaued
 
-__all__ = ["ScaleFL", "plateaued"]
+__all__ = ["ScaleFL", "plateaued", "stage_schedule"]
+
+
+def stage_schedule(s: ScaleFLConfig, phases: int, rounds: int) -> StageSchedule:
+    """``[scalefl]``'s schedule over ``phases`` stages; ``r_max`` defaults to ``rounds // phases``
+    (every phase gets its turn within the run; 10 when the run length is unknown)."""
+    r_max = s.r_max if s.r_max else max(1, rounds // phases if rounds else 10)
+    return StageSchedule(
+        s.schedule,
+        phases,
+        s.r_min,
+        r_max,
+        s.window,
+        s.plateau,
+        rule=s.advance,
+        movement_window=s.movement_window,
+        movement_threshold=s.movement_threshold,
+    )
 
 
 class ScaleFL(Strategy):
@@ -56,21 +73,9 @@ class ScaleFL(Strategy):
         s: ScaleFLConfig = ctx.settings or ScaleFLConfig()
         self.settings = s
         self.T = s.blocks
-        rounds = ctx.rounds
-        r_max = s.r_max if s.r_max else max(1, rounds // self.T if rounds else 10)
         self.schedule = s.schedule
         # the stage schedule (JSON state, checkpointed)
-        self.scheduler = StageSchedule(
-            s.schedule,
-            self.T,
-            s.r_min,
-            r_max,
-            s.window,
-            s.plateau,
-            rule=s.advance,
-            movement_window=s.movement_window,
-            movement_threshold=s.movement_threshold,
-        )
+        self.scheduler = stage_schedule(s, self.T, ctx.rounds)
         # the server's reference copy, to name the tensors each stage trains
         self._model = ScaleFLModel(
             self._reference,
