@@ -226,6 +226,49 @@ def test_strategy_on_flower_matches_the_simulator(federation, tmp_path, monkeypa
         assert r_fl["accuracy"] == pytest.approx(r_sim["accuracy"], abs=0.01)
 
 
+#: what the server records for each injected fault (memfl.runtime.faults)
+FAULT_STATUS = {
+    None: "ok",
+    "crash": "failed",
+    "nan": "rejected",
+    "shape": "rejected",
+    "inflate": "rejected",
+    "oom": "oom",
+}
+
+
+def test_faults_injected_on_the_nodes_are_recorded_and_kept_out_of_the_model(federation, tmp_path):
+    """``[faults]`` on Flower: each node injects the fault drawn for (seed, round, client) and the
+    server records it with the status the simulator gives. (No enforced cap here: these nodes'
+    budgets, 3-4 MiB, are below what a ClientApp's training really adds -- oneDNN and allocator
+    overhead -- so a capped node fails its clean rounds too; the cap's ``oom`` is tested in
+    tests/test_pool.py.)"""
+    from memfl.runtime.faults import draw_fault
+
+    config = make_config(tmp_path / "flower", rounds=3)
+    cfg = config.to_json()
+    cfg["faults"] = {"crash": 0.15, "nan": 0.15, "shape": 0.15, "inflate": 0.15, "oom": 0.15}
+    settings = local_settings(build_config(cfg), NODES, round_timeout=120)
+    drawn = {(r, c): draw_fault(settings.config.faults, SEED, r, c) for r in (1, 2, 3) for c in range(NODES)}
+    # this seed draws four of the five kinds, one round with none
+    assert {k for k in drawn.values() if k} == {"crash", "nan", "inflate", "oom"}
+    res = run_on(federation, settings, timeout=RUN_TIMEOUT, log=lambda line: None)
+    assert res["flower_run"]["status"] == "finished:completed"
+    for r in res["rounds"]:
+        for c in r["clients"]:
+            kind = drawn[r["round"], c["id"]]
+            assert c.get("fault") == kind, c
+            assert c["status"] == FAULT_STATUS[kind], (c.get("error"), c)
+            if kind == "oom":
+                assert "injected oom" in c["error"], c
+    assert res["summary"]["faults"] == {
+        k: sum(v == k for v in drawn.values()) for k in {v for v in drawn.values() if v}
+    }
+    final = _params(tmp_path / "flower")
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    assert all(isinstance(r["accuracy"], float) for r in res["rounds"])
+
+
 def test_a_node_that_dies_mid_round_does_not_stop_the_run(federation, tmp_path):
     """Kill SuperNode 2 (its whole process group) once it has received its round-1 instruction."""
     config = make_config(tmp_path / "flower")

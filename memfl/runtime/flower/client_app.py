@@ -40,7 +40,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -49,6 +49,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from memfl.config import Config, build_config
+from memfl.runtime.faults import (
+    ClientHang,
+    InjectedCrash,
+    allocate_past_budget,
+    corrupt,
+    draw_fault,
+    simulated_oom,
+)
 from memfl.runtime.flower.appconfig import AppSettings
 from memfl.runtime.flower.serde import (
     METRICS,
@@ -59,6 +67,8 @@ from memfl.runtime.flower.serde import (
 from memfl.runtime.procfs import reset_peak_rss, status_bytes
 
 MB = 1 << 20
+#: a ``hang`` fault sleeps this many seconds past the round timeout
+HANG_MARGIN = 5.0
 
 
 @dataclass(frozen=True)
@@ -275,10 +285,18 @@ def describe(context: Context) -> dict[str, Any]:
 
 
 def train(message: Message, context: Context) -> Message:
-    """Run the instruction in ``message`` with memfl's LocalTrainer; reply with the result."""
+    """Run the instruction in ``message`` with memfl's LocalTrainer; reply with the result.
+
+    With ``[faults]`` in the run config the node injects the fault drawn for ``(seed, round,
+    client)`` (:func:`memfl.runtime.faults.draw_fault`, the simulator's draw; the ServerApp draws the
+    same one to record it): ``crash`` raises; ``nan``/``shape``/``inflate`` corrupt the reply (the
+    server's validation rejects it); ``oom`` allocates past the budget (under the enforced cap a real
+    allocation failure, otherwise a ``MemoryError`` raised at once); ``hang`` sleeps past the round
+    timeout before raising, so the server times it out and the node then answers again."""
     t_enter = time.perf_counter()
     age = process_age()
-    config = settings_of(context).config
+    settings = settings_of(context)
+    config = settings.config
     spec = node_spec(context.node_config, config)
     x, y, shape, classes = client_data(config, spec, context.run_id)
     t_data = time.perf_counter()
@@ -291,6 +309,12 @@ def train(message: Message, context: Context) -> Message:
             f"plan {ins.plan.label} needs {ins.predicted_peak_bytes / MB:.1f} MiB, more than this "
             f"node's budget of {spec.budget_bytes / MB:.1f} MiB (enforce-budget=true)"
         )
+    fault = draw_fault(config.faults, config.run.seed, ins.round, ins.client_id)
+    if fault == "crash":
+        raise InjectedCrash("injected crash")
+    if fault == "hang":  # past the server's deadline, then free the node for the next message
+        time.sleep(settings.round_timeout + HANG_MARGIN)
+        raise ClientHang(f"injected hang: slept {settings.round_timeout + HANG_MARGIN:g} s")
     key = json.dumps(config.to_json(), sort_keys=True)
     trainer = _trainer(key, shape, classes, spec.torch_device)
     cap = None
@@ -300,6 +324,8 @@ def train(message: Message, context: Context) -> Message:
         warm_up(trainer, x, y, ins.hparams.batch_size)  # lazy imports and kernels, outside the cap
         with budget_cap(spec.budget_bytes) as cap:
             try:
+                if fault == "oom":
+                    allocate_past_budget(replace(ins, budget_bytes=spec.budget_bytes))
                 res = trainer.fit(ins, x, y)
             except (MemoryError, RuntimeError) as err:
                 cap.failed(err)
@@ -311,9 +337,13 @@ def train(message: Message, context: Context) -> Message:
         rss0, peak = cap.rss_before, (cap.rss_before or 0) + (cap.measured_peak_bytes or 0)
         res.measured_peak_bytes = cap.measured_peak_bytes
     else:
+        if fault == "oom":  # no cap to stop a real allocation: the simulator's simulated oom
+            simulated_oom(ins)
         rss0 = reset_peak_rss()
         res = trainer.fit(ins, x, y)
         peak = status_bytes("VmHWM") if rss0 is not None else None
+    if fault is not None:
+        res = corrupt(fault, res, ins.seed)
     t_fit = time.perf_counter()
     extra = {
         "partition_id": spec.partition_id,

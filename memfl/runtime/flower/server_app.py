@@ -13,8 +13,12 @@ Per run:
    :class:`FlowerExecutor`: the round's clients are the nodes that answered a query, planned with
    the budget each declared; each instruction becomes one ``train`` message to its node (a fresh
    RecordDict each: a plan may differ per node), replies are awaited for ``round-timeout``. A node
-   that fails, answers with an error or does not answer in time is a failed outcome, left out of the
-   aggregate; a node that did not answer at all is asked again before it is planned for again.
+   that fails or answers with an error is ``failed`` (``oom`` when the error is a ``MemoryError``:
+   its enforced cap, or an injected ``oom``), one that does not answer in time ``timeout``; either is
+   left out of the aggregate, and a node that did not answer at all is asked again before it is
+   planned for again. With ``[faults]`` the nodes inject the faults the simulator would
+   (:mod:`memfl.runtime.faults`, drawn from ``(seed, round, client)``) and the server, drawing the
+   same, records each outcome's ``fault``.
    Evaluation needs the test set on the server: without it accuracy stays ``None`` and no plot is
    drawn.
 4. ``results.json`` and the accuracy plot land in ``memfl.run.out`` in the format of ``memfl run``
@@ -32,6 +36,7 @@ LocalTrainer's (in the ClientApp).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from memfl.core.protocol import Instruction
 from memfl.core.strategy import ClientInfo
+from memfl.runtime.faults import draw_fault
 from memfl.runtime.flower.appconfig import AppSettings
 from memfl.runtime.flower.serde import (
     META,
@@ -56,6 +62,8 @@ from memfl.server.executor import Candidate, Outcome
 
 #: Flower error code of a ClientApp that raised (the node itself is alive)
 CLIENT_APP_RAISED = 2
+#: the reason of a ClientApp that ran out of memory (a MemoryError, under its cap or injected)
+_OOM_REASON = re.compile(r"MemoryError|InjectedOOM|out of memory|can't allocate memory", re.I)
 
 
 @dataclass
@@ -340,7 +348,7 @@ class FlowerExecutor:
                 outcomes.append(
                     Outcome(
                         ins.client_id,
-                        "failed",
+                        "oom" if _OOM_REASON.search(reply.error.reason or "") else "failed",
                         where=where,
                         extra=extra,
                         error=f"Flower error {reply.error.code}: {reply.error.reason}",
@@ -366,6 +374,10 @@ class FlowerExecutor:
                     },
                 )
                 outcomes.append(Outcome(ins.client_id, "ok", result=res, where=where, extra=extra))
+        faults = server.config.faults
+        if faults.active:  # the nodes inject what the simulator would: record it (memfl.runtime.faults)
+            for o in outcomes:
+                o.fault = draw_fault(faults, server.config.run.seed, round, o.client_id)
         self._timing = {
             "serialize_seconds": t_ser1 - t_ser0,
             "push_seconds": push_seconds,
