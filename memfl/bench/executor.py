@@ -54,10 +54,11 @@ json.dump({"rounds": [{k: r[k] for k in keys} for r in res["rounds"]]}, open(sys
 """
 
 _RUN_FLOWER_SIM = r"""
-import json, sys
+import json, sys, torch
 from memfl.config import build_config
 from memfl.runtime.flower.simulation import run
 cfg = build_config(json.loads(sys.argv[1]))
+torch.set_num_threads(int(sys.argv[2]))  # the driver (the ServerApp's evaluation): every core
 run(cfg, cpus_per_node=1.0)
 res = json.load(open(cfg.run.out + "/results.json"))
 keys = ("round", "accuracy", "loss", "round_seconds", "timing")
@@ -85,6 +86,53 @@ times = []
 for _ in range(int(sys.argv[2])):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
 print(json.dumps(times))
+"""
+
+
+_CAP = r"""
+import ctypes, json, os, sys
+from pathlib import Path
+import torch
+from memfl.config import build_config
+from memfl.core.protocol import HyperParams, Instruction, Plan
+from memfl.core.trainer import LocalTrainer
+from memfl.runtime.pool import budget_cap, warm_up
+from memfl.runtime.sim import set_up_server
+from memfl.server.checkpoint import Checkpoint
+from memfl.server.setup import build_federation, load_data
+torch.set_num_threads(1)
+if sys.argv[3] != "0":
+    ctypes.CDLL("libc.so.6").mallopt(-3, int(sys.argv[3]))  # M_MMAP_THRESHOLD, before anything trains
+cfg = build_config(json.loads(sys.argv[1]))
+data = load_data(cfg)
+setup = set_up_server(cfg, data.input_shape, data.num_classes, Checkpoint(Path(sys.argv[2])), example=data.example)
+client = max(build_federation(cfg, data, setup.full_peak), key=lambda c: len(c.x))
+trainer = LocalTrainer(setup.model_fn)
+warm_up(trainer, client.x, client.y, cfg.train.batch_size)  # what a pool worker inherits
+names = [k for k, _ in trainer.model_for(Plan()).named_parameters()]
+ins = Instruction(round=1, client_id=client.info.id, params=setup.global_model.state_dict(), trainable=names,
+                  hparams=HyperParams(batch_size=cfg.train.batch_size, max_steps=5, lr=cfg.train.lr))
+rows = []
+for k in range(10, 61):  # 0.50x to 3.00x the predicted peak, in steps of 0.05x
+    budget = int(setup.full_peak * k / 20)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a fresh copy of the warm process per budget, as a worker trains one client
+        os.close(r)
+        err = ""
+        try:
+            with budget_cap(budget):
+                trainer.fit(ins, client.x, client.y)
+        except BaseException as e:
+            err = f"{type(e).__name__}: {e}"[:120]
+        os.write(w, err.encode())
+        os._exit(0)
+    os.close(w)
+    err = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    rows.append({"budget_bytes": budget, "ok": not err, "error": err})
+print(json.dumps({"predicted_peak_bytes": setup.full_peak, "rows": rows}))
 """
 
 
@@ -116,13 +164,18 @@ def _rollup(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def _run_one(config: dict[str, Any], threads: int, work: Path, program: str = _RUN) -> dict[str, Any]:
-    """One executor in a fresh subprocess; its rounds, wall time and peak memory of its processes."""
+def _run_one(
+    config: dict[str, Any], threads: int, work: Path, program: str = _RUN, driver_threads: int | None = None
+) -> dict[str, Any]:
+    """One executor in a fresh subprocess (``OMP_NUM_THREADS=threads``; its main process then takes
+    ``driver_threads``, default ``threads``); its rounds, wall time and peak memory of its processes."""
     out = work / "rounds.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-c", program, json.dumps(config), str(threads), str(out)], env=env, stderr=subprocess.PIPE
+        [sys.executable, "-c", program, json.dumps(config), str(driver_threads or threads), str(out)],
+        env=env,
+        stderr=subprocess.PIPE,
     )
     peak = {"rss": 0, "pss": 0, "processes": 0}
     done = threading.Event()
@@ -168,15 +221,53 @@ def _step_cost(steps: int) -> dict[str, Any]:
     return res
 
 
+def _cap_needed(config: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The smallest enforced budget under which one warm worker trains the bench's largest client
+    (5 steps, full plan, 1 thread), against the predicted peak: glibc's default allocator (what
+    the pool uses) and with the mmap threshold fixed at 64 KiB (what the estimator's measurement
+    child uses). Budgets from 0.5x to 3x the predicted peak, a fresh fork for each."""
+    out: dict[str, Any] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, threshold in (("default allocator (the pool)", 0), ("mmap threshold 64 KiB", 65536)):
+        text = subprocess.run(
+            [sys.executable, "-c", _CAP, json.dumps(config), str(work / f"cap-{threshold}"), str(threshold)],
+            env=env,
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        res = json.loads(text.strip().splitlines()[-1])
+        rows, pred = res["rows"], res["predicted_peak_bytes"]
+        first = next((r["budget_bytes"] for r in rows if r["ok"]), None)
+        # the smallest budget from which every larger one in the scan passed too
+        settled = None
+        for r in reversed(rows):
+            if not r["ok"]:
+                break
+            settled = r["budget_bytes"]
+        out[name] = {
+            "predicted_peak_bytes": pred,
+            "smallest_passing_bytes": first,
+            "passing_from_bytes": settled,
+            "ratio_smallest": first / pred if first else None,
+            "ratio_settled": settled / pred if settled else None,
+            "errors": sorted(
+                {r["error"].split(":")[0] + ": " + r["error"].split(":", 1)[-1][:60] for r in rows if r["error"]}
+            ),
+        }
+    return out
+
+
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
+def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     cores = len(os.sched_getaffinity(0))
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else 5
+    per_worker = max(1, cores // workers)
     base = {
         "run": {
             "method": "fedavg",
@@ -193,32 +284,50 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         },
     }
     load_before = os.getloadavg()
-    variants = [("1 worker (in process)", 1, cores), (f"{workers} workers", workers, max(1, cores // workers))]
+    one = "1 worker (in process)"
+    matched = f"1 worker, {per_worker} thread{'s' if per_worker > 1 else ''} (in process)"
+    pool = f"{workers} workers"
+    # (name, [run] workers, threads of the process, threads per worker)
+    variants = [(one, 1, cores, cores), (pool, workers, cores, per_worker)]
+    if per_worker != cores:  # the sequential run at the pool's per-worker thread count
+        variants.insert(1, (matched, 1, per_worker, per_worker))
     results: dict[str, Any] = {}
     finals = {}
     with tempfile.TemporaryDirectory(prefix="memfl-bench-executor-") as tmp:
-        for name, w, threads in variants:
-            work = Path(tmp) / f"w{w}"
+        for name, w, threads, tpw in variants:
+            log(f"executor bench: {name}, {rounds} rounds ...")
+            work = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
             work.mkdir()
             cfg = json.loads(json.dumps(base))
             cfg["run"].update(workers=w, out=str(work / "run"))
-            r = _run_one(cfg, cores, work)
-            r.update(workers=w, threads_per_worker=threads)
+            r = _run_one(cfg, threads, work)
+            r.update(workers=w, threads_per_worker=tpw)
             results[name] = r
             finals[name] = load_file(str(work / "run" / "checkpoint.safetensors"))
         flower = None
         if importlib.util.find_spec("ray") is not None and importlib.util.find_spec("flwr") is not None:
+            log(f"executor bench: Flower simulation engine, {cores} one-CPU actors ...")
             work = Path(tmp) / "flower-sim"
             work.mkdir()
             cfg = json.loads(json.dumps(base))
             cfg["run"].update(workers=1, out=str(work / "run"))
-            flower = _run_one(cfg, 1, work, program=_RUN_FLOWER_SIM)
+            flower = _run_one(cfg, 1, work, program=_RUN_FLOWER_SIM, driver_threads=cores)
             flower.update(workers=cores, threads_per_worker=1)
             results[f"Flower simulation ({cores} one-CPU actors)"] = flower  # its row: the last
+        log("executor bench: the enforced cap a warm worker needs ...")
+        cap_cfg = json.loads(json.dumps(base))
+        cap_cfg["run"].update(out=str(Path(tmp) / "cap"))
+        cap = _cap_needed(cap_cfg, Path(tmp))
     load_after = os.getloadavg()
-    (a, pa), (b, pb) = finals.items()
-    max_diff = max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa if pa[k].is_floating_point())
-    max_ref = max(float(pa[k].double().abs().max()) for k in pa if pa[k].is_floating_point())
+
+    def diff(a: str, b: str) -> float:
+        pa, pb = finals[a], finals[b]
+        return max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa if pa[k].is_floating_point())
+
+    max_diff = diff(one, pool)
+    matched_diff = diff(matched, pool) if matched in finals else None
+    max_ref = max(float(t.double().abs().max()) for t in finals[one].values() if t.is_floating_point())
+    log("executor bench: step cost of a cap ...")
     step = _step_cost(100 if quick else 300)
 
     def median(r: dict[str, Any], key: str | None) -> float | None:
@@ -226,62 +335,69 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         vals = [v for v in vals if v is not None]
         return statistics.median(vals) if vals else None
 
-    rows = []
+    rows = {}
     for name, r in results.items():
-        rows.append(
-            {
-                "executor": name,
-                "workers": r["workers"],
-                "threads_per_worker": r["threads_per_worker"],
-                "round_seconds": median(r, None),
-                "train_seconds": median(r, "run_seconds"),
-                "evaluate_seconds": median(r, "evaluate_seconds"),
-                "job_seconds": r["job_seconds"],
-                "peak_rss_sum_mb": r["peak_rss_sum_bytes"] / 2**20,
-                "peak_pss_sum_mb": r["peak_pss_sum_bytes"] / 2**20,
-                "accuracy": [x["accuracy"] for x in r["rounds"]],
-            }
-        )
-    ratio = rows[1]["round_seconds"] / rows[0]["round_seconds"]
+        rows[name] = {
+            "executor": name,
+            "workers": r["workers"],
+            "threads_per_worker": r["threads_per_worker"],
+            "round_seconds": median(r, None),
+            "train_seconds": median(r, "run_seconds"),
+            "evaluate_seconds": median(r, "evaluate_seconds"),
+            "job_seconds": r["job_seconds"],
+            "peak_rss_sum_mb": r["peak_rss_sum_bytes"] / 2**20,
+            "peak_pss_sum_mb": r["peak_pss_sum_bytes"] / 2**20,
+            "accuracy": [x["accuracy"] for x in r["rounds"]],
+        }
+    par, seq = rows[pool], rows[one]
+    ratio = par["round_seconds"] / seq["round_seconds"]
+    ratio_matched = par["round_seconds"] / rows[matched]["round_seconds"] if matched in rows else None
+    thread_gain = rows[matched]["round_seconds"] / seq["round_seconds"] if matched in rows else None
     vs_flower = None
     if flower is not None:
-        fl = rows[-1]
+        fl = list(rows.values())[-1]
         vs_flower = {
-            "round": rows[1]["round_seconds"] / fl["round_seconds"],
-            "job": rows[1]["job_seconds"] / fl["job_seconds"],
-            "pss": rows[1]["peak_pss_sum_mb"] / fl["peak_pss_sum_mb"],
-            "rss": rows[1]["peak_rss_sum_mb"] / fl["peak_rss_sum_mb"],
+            "round": par["round_seconds"] / fl["round_seconds"],
+            "job": par["job_seconds"] / fl["job_seconds"],
+            "pss": par["peak_pss_sum_mb"] / fl["peak_pss_sum_mb"],
+            "rss": par["peak_rss_sum_mb"] / fl["peak_rss_sum_mb"],
         }
     summary = {
         "cores": cores,
         "rounds": rounds,
         "load_average_before": load_before,
         "load_average_after": load_after,
-        "rows": rows,
+        "rows": list(rows.values()),
         "ratio_round": ratio,
-        "ratio_train": rows[1]["train_seconds"] / rows[0]["train_seconds"],
+        "ratio_train": par["train_seconds"] / seq["train_seconds"],
+        "ratio_round_vs_matched_threads": ratio_matched,
+        "sequential_thread_gain": thread_gain,
         "goal": "<= 0.6x the round time with 2 workers",
         "max_abs_param_diff": max_diff,
+        "max_abs_param_diff_matched_threads": matched_diff,
+        "same_accuracy_matched_threads": rows[matched]["accuracy"] == par["accuracy"] if matched in rows else None,
         "max_abs_param": max_ref,
         "step_seconds": step,
+        "cap_needed": cap,
         "flower_simulation": vs_flower
         if vs_flower is not None
         else "not installed (pip install 'flwr[simulation]==1.41.0' adds ray 2.55.1; torch unchanged)",
         "raw": results,
     }
     (out / "executor.json").write_text(json.dumps(summary, indent=1))
+    cmd = f"memfl bench executor{' --quick' if quick else ''}"
     lines = [
         "## memfl bench executor",
         "",
-        f"`memfl bench executor{' --quick' if quick else ''}`: FedAvg, cnn width 0.5, Fashion-MNIST, 100 clients "
-        f"Dir(0.5), 10 per round, {rounds} rounds, evaluation every round; {cores} cores; load average "
-        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min).",
+        f"`{cmd}`: FedAvg, cnn width 0.5, Fashion-MNIST, 100 clients Dir(0.5), 10 per round, {rounds} "
+        f"rounds, evaluation every round; {cores} cores; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after (1-min).",
         "",
         "| executor | threads / worker | round s (median) | training s | evaluation s | job s | "
         "peak RSS sum MB | peak PSS sum MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in rows.values():
         lines.append(
             f"| {r['executor']} | {r['threads_per_worker']} | {r['round_seconds']:.2f} | {_f(r['train_seconds'])} | "
             f"{_f(r['evaluate_seconds'])} | {r['job_seconds']:.1f} | {r['peak_rss_sum_mb']:.0f} | "
@@ -289,20 +405,46 @@ def run(out: Path, quick: bool = False, workers: int = 2) -> dict[str, Any]:
         )
     lines += [
         "",
-        f"Round time {workers} workers / 1: **{ratio:.2f}x** (goal <= 0.6x); training part "
-        f"{summary['ratio_train']:.2f}x. Final parameters differ by at most {max_diff:.2e} "
-        f"(largest parameter {max_ref:.2f}): the thread counts differ, so conv gradients are summed in "
-        f"another order; with equal thread counts the runs are identical (tests/test_pool.py).",
+        f"Round time {workers} workers / 1 worker with all {cores} threads: **{ratio:.2f}x** (goal <= 0.6x); "
+        f"training part {summary['ratio_train']:.2f}x.",
+    ]
+    if matched in rows:
+        lines += [
+            f"Against the sequential run at the workers' {per_worker} thread(s): {ratio_matched:.2f}x "
+            f"(ideal {1 / workers:.2f}x); the sequential run gains {1 / thread_gain:.2f}x from its {cores} "
+            f"threads, which bounds what {workers} workers can gain over it on {cores} cores.",
+            "",
+            f"Final parameters, {workers} workers vs the sequential run at the same thread count: max "
+            f"difference **{matched_diff:.1e}**, per-round accuracies "
+            f"{'identical' if summary['same_accuracy_matched_threads'] else 'DIFFERENT'}; vs the sequential "
+            f"run with {cores} threads: {max_diff:.2e} (largest parameter {max_ref:.2f}: another thread count "
+            f"sums conv gradients in another order, and training amplifies it).",
+        ]
+    lines += [
         "",
         "Per training step (cnn 0.5, batch 32, 1 thread, median): "
         + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in step.items())
         + ".",
         "",
+        "Enforced cap a warm worker needs to train the largest client (5 steps, full plan), as a multiple "
+        "of the predicted peak (scan 0.50x-3.00x in steps of 0.05x):",
+        "",
+        "| allocator | predicted peak MB | smallest passing | every budget passes from |",
+        "|---|---|---|---|",
+    ]
+    for name, c in cap.items():
+        lines.append(
+            f"| {name} | {c['predicted_peak_bytes'] / 2**20:.2f} | "
+            f"{_f(c['ratio_smallest'])}x | {_f(c['ratio_settled'])}x |"
+        )
+    lines += [
+        "",
         (
             f"Against Flower's simulation engine (memfl's own ServerApp/ClientApp under run_simulation, {cores} "
-            f"one-CPU actors), {workers} workers take **{vs_flower['round']:.2f}x** its median round time "
-            f"(goal <= 0.6x), {vs_flower['job']:.2f}x its job time, and **{vs_flower['pss']:.2f}x** its peak "
-            f"PSS sum ({vs_flower['rss']:.2f}x RSS sum; goal <= 0.5x)."
+            f"one-CPU actors, the driver's evaluation on {cores} threads), {workers} workers take "
+            f"**{vs_flower['round']:.2f}x** its median round time (goal <= 0.6x), {vs_flower['job']:.2f}x its "
+            f"job time, and **{vs_flower['pss']:.2f}x** its peak PSS sum ({vs_flower['rss']:.2f}x RSS sum; "
+            f"goal <= 0.5x)."
             if vs_flower is not None
             else 'Flower\'s simulation engine: not installed (`pip install "flwr[simulation]==1.41.0"` adds '
             "ray 2.55.1 and six packages, torch unchanged); not compared."
