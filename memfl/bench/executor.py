@@ -5,6 +5,8 @@ test-set evaluation every round. Each executor runs the same rounds (the same se
 clients, batches and plans) in a fresh subprocess, one after the other in this one invocation:
 
 - ``1 worker``: today's in-process executor, with all the cores' torch threads;
+- ``1 worker, T threads``: the same at the workers' thread count ``T = cores / N`` (the reference
+  the pool must match bit for bit, and the bound on what N workers can gain on N x T cores);
 - ``N workers`` (``--workers N``): N forked workers with cores / N threads each, the evaluation
   split over them.
 
@@ -12,16 +14,18 @@ Per executor: the median round time (wall, evaluation included), its training pa
 (``run_seconds``) and evaluation part, the whole job, and the peak memory of all its processes
 together (sampled every 0.1 s: the sum of RSS, which counts the shared dataset once per process,
 and the sum of PSS, which splits shared pages between them). Also: the largest parameter
-difference between the executors' final models (the tolerance: thread counts differ) and what an
-enforced budget costs per training step (``RLIMIT_DATA`` alone, as :mod:`memfl.runtime.pool` sets
-it, and with glibc's mmap threshold fixed, an allocator setting it does not use). The machine's
+difference between the final models (N workers vs each sequential run), what an enforced budget
+costs per training step (``RLIMIT_DATA`` alone, as :mod:`memfl.runtime.pool` sets it, and with
+glibc's mmap threshold fixed, an allocator setting it does not use), and how many clients survive
+an enforced budget of k x their predicted peak (``CAP_MULTIPLES``). The machine's
 load average is recorded before and after: other jobs on the machine slow the parallel executor
 more than the sequential one.
 
 When Flower's simulation engine is installed (``pip install "flwr[simulation]==1.41.0"``: ray
 2.55.1 and six small packages, torch unchanged; not a memfl dependency), a third run does the same
 job on it: memfl's own ServerApp and ClientApp (the same trainer, the same clients' data) under
-``flwr.simulation.run_simulation`` with one one-CPU actor per core
+``flwr.simulation.run_simulation`` with one one-CPU actor per core and the driver (the ServerApp's
+evaluation, while the actors wait) on every core
 (:mod:`memfl.runtime.flower.simulation`); its memory is the same process-tree sum (the driver, Ray's
 workers and its raylet / GCS processes).
 """
@@ -41,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
+#: budgets of the enforced-cap probe, as multiples of the predicted full-training peak
+CAP_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)
 
 _RUN = r"""
 import json, sys, torch
@@ -90,49 +96,15 @@ print(json.dumps(times))
 
 
 _CAP = r"""
-import ctypes, json, os, sys
-from pathlib import Path
-import torch
+import json, sys, torch
 from memfl.config import build_config
-from memfl.core.protocol import HyperParams, Instruction, Plan
-from memfl.core.trainer import LocalTrainer
-from memfl.runtime.pool import budget_cap, warm_up
-from memfl.runtime.sim import set_up_server
-from memfl.server.checkpoint import Checkpoint
-from memfl.server.setup import build_federation, load_data
-torch.set_num_threads(1)
-if sys.argv[3] != "0":
-    ctypes.CDLL("libc.so.6").mallopt(-3, int(sys.argv[3]))  # M_MMAP_THRESHOLD, before anything trains
+from memfl.runtime.sim import run_experiment
 cfg = build_config(json.loads(sys.argv[1]))
-data = load_data(cfg)
-setup = set_up_server(cfg, data.input_shape, data.num_classes, Checkpoint(Path(sys.argv[2])), example=data.example)
-client = max(build_federation(cfg, data, setup.full_peak), key=lambda c: len(c.x))
-trainer = LocalTrainer(setup.model_fn)
-warm_up(trainer, client.x, client.y, cfg.train.batch_size)  # what a pool worker inherits
-names = [k for k, _ in trainer.model_for(Plan()).named_parameters()]
-ins = Instruction(round=1, client_id=client.info.id, params=setup.global_model.state_dict(), trainable=names,
-                  hparams=HyperParams(batch_size=cfg.train.batch_size, max_steps=5, lr=cfg.train.lr))
-rows = []
-for k in range(10, 61):  # 0.50x to 3.00x the predicted peak, in steps of 0.05x
-    budget = int(setup.full_peak * k / 20)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a fresh copy of the warm process per budget, as a worker trains one client
-        os.close(r)
-        err = ""
-        try:
-            with budget_cap(budget):
-                trainer.fit(ins, client.x, client.y)
-        except BaseException as e:
-            err = f"{type(e).__name__}: {e}"[:120]
-        os.write(w, err.encode())
-        os._exit(0)
-    os.close(w)
-    err = os.read(r, 4096).decode()
-    os.close(r)
-    os.waitpid(pid, 0)
-    rows.append({"budget_bytes": budget, "ok": not err, "error": err})
-print(json.dumps({"predicted_peak_bytes": setup.full_peak, "rows": rows}))
+torch.set_num_threads(int(sys.argv[2]))
+res = run_experiment(cfg, progress=False)
+keys = ("id", "status", "budget_bytes", "measured_peak_bytes", "error")
+print(json.dumps({"full_peak_bytes": res["full_peak_bytes"],
+                  "clients": [{k: c.get(k) for k in keys} for c in res["rounds"][0]["clients"]]}))
 """
 
 
@@ -221,39 +193,36 @@ def _step_cost(steps: int) -> dict[str, Any]:
     return res
 
 
-def _cap_needed(config: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The smallest enforced budget under which one warm worker trains the bench's largest client
-    (5 steps, full plan, 1 thread), against the predicted peak: glibc's default allocator (what
-    the pool uses) and with the mmap threshold fixed at 64 KiB (what the estimator's measurement
-    child uses). Budgets from 0.5x to 3x the predicted peak, a fresh fork for each."""
+def _cap_needed(config: dict[str, Any], work: Path, workers: int, cores: int) -> dict[str, Any]:
+    """Under ``enforce_budgets``, how many of one round's 10 clients finish their full-plan training
+    when every client's budget is ``k`` x the predicted full-training peak, for a few ``k``: the
+    pool itself (``workers`` workers), one fresh run per ``k``."""
     out: dict[str, Any] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, threshold in (("default allocator (the pool)", 0), ("mmap threshold 64 KiB", 65536)):
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
+    for k in CAP_MULTIPLES:
+        cfg = json.loads(json.dumps(config))
+        cfg["run"].update(
+            rounds=1, budgets=f"relative:{k}-{k}", enforce_budgets=True, workers=workers, out=str(work / f"cap-{k}")
+        )
         text = subprocess.run(
-            [sys.executable, "-c", _CAP, json.dumps(config), str(work / f"cap-{threshold}"), str(threshold)],
+            [sys.executable, "-c", _CAP, json.dumps(cfg), str(cores)],
             env=env,
             capture_output=True,
             check=True,
             text=True,
         ).stdout
         res = json.loads(text.strip().splitlines()[-1])
-        rows, pred = res["rows"], res["predicted_peak_bytes"]
-        first = next((r["budget_bytes"] for r in rows if r["ok"]), None)
-        # the smallest budget from which every larger one in the scan passed too
-        settled = None
-        for r in reversed(rows):
-            if not r["ok"]:
-                break
-            settled = r["budget_bytes"]
-        out[name] = {
-            "predicted_peak_bytes": pred,
-            "smallest_passing_bytes": first,
-            "passing_from_bytes": settled,
-            "ratio_smallest": first / pred if first else None,
-            "ratio_settled": settled / pred if settled else None,
-            "errors": sorted(
-                {r["error"].split(":")[0] + ": " + r["error"].split(":", 1)[-1][:60] for r in rows if r["error"]}
-            ),
+        clients = res["clients"]
+        ok = [c for c in clients if c["status"] == "ok"]
+        peaks = [c["measured_peak_bytes"] for c in ok if c.get("measured_peak_bytes")]
+        out[str(k)] = {
+            "budget_x_predicted": k,
+            "predicted_peak_bytes": res["full_peak_bytes"],
+            "clients": len(clients),
+            "ok": len(ok),
+            "oom": sum(c["status"] == "oom" for c in clients),
+            "max_measured_rss_x_predicted": max(peaks) / res["full_peak_bytes"] if peaks else None,
+            "errors": sorted({(c.get("error") or "")[:70] for c in clients if c["status"] != "ok"}),
         }
     return out
 
@@ -317,7 +286,7 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
         log("executor bench: the enforced cap a warm worker needs ...")
         cap_cfg = json.loads(json.dumps(base))
         cap_cfg["run"].update(out=str(Path(tmp) / "cap"))
-        cap = _cap_needed(cap_cfg, Path(tmp))
+        cap = _cap_needed(cap_cfg, Path(tmp), workers, cores)
     load_after = os.getloadavg()
 
     def diff(a: str, b: str) -> float:
@@ -411,8 +380,9 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
     if matched in rows:
         lines += [
             f"Against the sequential run at the workers' {per_worker} thread(s): {ratio_matched:.2f}x "
-            f"(ideal {1 / workers:.2f}x); the sequential run gains {1 / thread_gain:.2f}x from its {cores} "
-            f"threads, which bounds what {workers} workers can gain over it on {cores} cores.",
+            f"(ideal {1 / workers:.2f}x). With {cores} threads the sequential run takes {thread_gain:.2f}x its "
+            f"{per_worker}-thread round time, so {workers} workers can at best reach "
+            f"{1 / workers / thread_gain:.2f}x the {cores}-thread run on {cores} cores.",
             "",
             f"Final parameters, {workers} workers vs the sequential run at the same thread count: max "
             f"difference **{matched_diff:.1e}**, per-round accuracies "
@@ -426,16 +396,16 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
         + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in step.items())
         + ".",
         "",
-        "Enforced cap a warm worker needs to train the largest client (5 steps, full plan), as a multiple "
-        "of the predicted peak (scan 0.50x-3.00x in steps of 0.05x):",
+        f"Enforced budgets ({workers} workers, one round of 10 clients, full plans, every client's budget "
+        "k x the predicted full-training peak):",
         "",
-        "| allocator | predicted peak MB | smallest passing | every budget passes from |",
-        "|---|---|---|---|",
+        "| k | predicted peak MB | ok | oom | largest measured RSS peak of an ok client (x predicted) |",
+        "|---|---|---|---|---|",
     ]
-    for name, c in cap.items():
+    for c in cap.values():
         lines.append(
-            f"| {name} | {c['predicted_peak_bytes'] / 2**20:.2f} | "
-            f"{_f(c['ratio_smallest'])}x | {_f(c['ratio_settled'])}x |"
+            f"| {c['budget_x_predicted']:g} | {c['predicted_peak_bytes'] / 2**20:.2f} | {c['ok']}/{c['clients']} | "
+            f"{c['oom']} | {_f(c['max_measured_rss_x_predicted'])} |"
         )
     lines += [
         "",

@@ -339,6 +339,9 @@ def _eval_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: int, h
 
 def _worker_main(conn: Connection, pool: "WorkerPoolExecutor", threads: int) -> None:
     torch.set_num_threads(threads)
+    if pool.enforce:  # again at this thread count: oneDNN caches its kernels per thread count, and
+        # a kernel JIT-compiled under the cap takes the client's budget ("could not create a primitive")
+        _warm_up(pool.trainer, pool.federation, pool.warmup_batch)
     _trim()
     conn.send_bytes(_pack({"idle_rss_bytes": status_bytes("VmRSS"), "idle_data_bytes": status_bytes("VmData")}))
     while True:
@@ -453,6 +456,7 @@ class WorkerPoolExecutor:
             )
             threads = 1
         self.threads = threads
+        self.warmup_batch = warmup_batch
         self.warmup_seconds = _warm_up(trainer, federation, warmup_batch)
         self._ctx = mp.get_context("fork")
         self._workers: list[_Worker] = []
