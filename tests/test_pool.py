@@ -129,6 +129,25 @@ def test_enforced_budget_turns_a_real_overshoot_into_oom_and_the_run_goes_on(sma
             assert 0 < c["measured_peak_bytes"] < c["enforced_budget_bytes"]
 
 
+def test_the_enforced_cap_follows_the_predicted_peak(small_config, tmp_path):
+    """With the pool's fixed mmap threshold the OS cap agrees with the estimate: full-plan clients
+    train under 1.1x their predicted peak and fail under 0.8x (cnn width 0.5, batch 32: 10 MB
+    predicted; with glibc's default allocator they needed about 2x, see memfl.runtime.pool)."""
+    from memfl.config import with_overrides
+
+    def run(k: float) -> dict:
+        cfg = small_config(
+            out=str(tmp_path / f"k{k}"), enforce_budgets=True, budgets=f"relative:{k}-{k}", model_width=0.5, rounds=1
+        )
+        return run_experiment(with_overrides(cfg, {"train.batch_size": 32, "train.max_steps": 3}), progress=False)
+
+    roomy, tight = run(1.1), run(0.8)
+    assert [c["status"] for c in roomy["rounds"][0]["clients"]] == ["ok"] * 3, roomy["rounds"][0]["clients"]
+    assert [c["status"] for c in tight["rounds"][0]["clients"]] == ["oom"] * 3, tight["rounds"][0]["clients"]
+    for c in roomy["rounds"][0]["clients"]:
+        assert c["enforced_budget_bytes"] == c["budget_bytes"]
+
+
 def test_budget_cap_in_this_process_raises_a_catchable_error_and_is_restored():
     import resource
 

@@ -16,8 +16,9 @@ A SuperNode says who it is with ``--node-config`` (values are TOML-typed)::
 ========================  =================================================================
 
 With ``[run] enforce_budgets = true`` the training runs under an OS cap (``RLIMIT_DATA``, as in the
-worker pool, :func:`memfl.runtime.pool.budget_cap`) of ``memory-mb`` above the ClientApp's data
-size before training; an allocation past it ends the round for this node with a ``MemoryError``.
+worker pool, :func:`memfl.runtime.pool.budget_cap`, with the pool's fixed mmap threshold) of
+``memory-mb`` above the ClientApp's data size before training; an allocation past it ends the round
+for this node with a ``MemoryError`` (the server records ``oom``).
 
 A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
 the memory the OS reports available now (``MemAvailable``). The node cuts its share with
@@ -319,8 +320,9 @@ def train(message: Message, context: Context) -> Message:
     trainer = _trainer(key, shape, classes, spec.torch_device)
     cap = None
     if config.run.enforce_budgets:  # the OS cap: memory-mb above this process's baseline (memfl.runtime.pool)
-        from memfl.runtime.pool import budget_cap, warm_up
+        from memfl.runtime.pool import budget_cap, fix_mmap_threshold, warm_up
 
+        fix_mmap_threshold()  # the allocator the estimate is made for (memfl.runtime.pool)
         warm_up(trainer, x, y, ins.hparams.batch_size)  # lazy imports and kernels, outside the cap
         with budget_cap(spec.budget_bytes) as cap:
             try:
