@@ -110,8 +110,10 @@ class RunConfig(Section):
     #: clock: "2x" the round's expected duration, seconds, or None/"none" (costs nothing)
     round_deadline: str | float | None = None
     #: clients train in this many worker processes (memfl.runtime.pool), each with cores / workers
-    #: torch threads; "auto": one per core; 1: in this process, one after the other
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    #: torch threads; "auto" (default): one per core (torch.get_num_threads(), so OMP_NUM_THREADS
+    #: counts; in this process where fork is missing, on CUDA or with one core); 1: in this
+    #: process, one after the other
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     #: each client's training runs under an OS memory cap (RLIMIT_DATA) of its round budget above
     #: the worker's baseline; past it the client is ``oom`` (always in a worker process)
     enforce_budgets: bool = False

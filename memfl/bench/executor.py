@@ -380,9 +380,9 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
     if matched in rows:
         lines += [
             f"Against the sequential run at the workers' {per_worker} thread(s): {ratio_matched:.2f}x "
-            f"(ideal {1 / workers:.2f}x). With {cores} threads the sequential run takes {thread_gain:.2f}x its "
-            f"{per_worker}-thread round time, so {workers} workers can at best reach "
-            f"{1 / workers / thread_gain:.2f}x the {cores}-thread run on {cores} cores.",
+            f"(ideal {1 / workers:.2f}x). The sequential run at {per_worker} thread(s) takes {thread_gain:.2f}x "
+            f"the {cores}-thread one, so {workers} workers can at best reach {thread_gain / workers:.2f}x the "
+            f"{cores}-thread run on {cores} cores.",
             "",
             f"Final parameters, {workers} workers vs the sequential run at the same thread count: max "
             f"difference **{matched_diff:.1e}**, per-round accuracies "

@@ -1,10 +1,12 @@
 """The worker-pool executor: clients in parallel worker processes, budgets enforced by the OS.
 
-``[run] workers = N`` (``--workers N``; ``"auto"``: one per core, i.e. :func:`torch.get_num_threads`
-of the server at start, so ``OMP_NUM_THREADS`` counts) trains the round's clients in ``N`` worker
-processes, each with ``cores // N`` torch threads. ``workers = 1`` (the default) is the in-process
-executor (:class:`memfl.runtime.sim.InProcessExecutor`), unless ``[run] enforce_budgets`` asks for a
-cap: a cap is never set on the server process, so it gets a pool of one worker.
+``[run] workers = N`` (``--workers N``) trains the round's clients in ``N`` worker processes, each
+with ``cores // N`` torch threads. ``"auto"``, the default, is one worker per core, i.e.
+:func:`torch.get_num_threads` of the server at start (so ``OMP_NUM_THREADS`` counts); it is the
+in-process executor where there is one core, no ``fork`` (not Linux) or a CUDA device.
+``workers = 1`` is the in-process executor (:class:`memfl.runtime.sim.InProcessExecutor`), unless
+``[run] enforce_budgets`` asks for a cap: a cap is never set on the server process, so it gets a
+pool of one worker.
 
 How it works:
 
@@ -60,6 +62,13 @@ their predicted peak. The cost is paid per step (page faults on fresh mappings):
 ``memfl bench executor`` measures it. Tiny models have little room: the 3.3 MB cnn width 0.25
 still needs about 1.1-1.2x (fixed allocator and runtime overhead).
 
+Caveat: the cap counts growth above the worker's baseline. A server process that has already
+trained bigger workloads (a notebook calling :func:`memfl.run` again, a test session) hands its
+workers runtime buffers (oneDNN scratchpads, MKL pools, freed heap) sized for that work; training
+reuses them without growing the data segment, so the cap is looser by that much (measured: full
+plans at 0.8x their predicted peak passed in such a process, failed in a fresh one). ``memfl run``
+starts fresh.
+
 Limits: CPU only (``run.device = "cuda"`` keeps the in-process executor; there a cap would be
 ``torch.cuda.set_per_process_memory_fraction``). Linux only (fork, ``/proc``, ``RLIMIT_DATA``).
 A process whose OpenMP pool already runs more than one thread cannot fork workers that use more
@@ -77,6 +86,7 @@ import os
 import re
 import resource
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -126,12 +136,18 @@ def pool_shape(config: Config, cores: int | None = None) -> tuple[int, int] | No
     """
     cores = cores or torch.get_num_threads()
     w = config.run.workers
-    workers = cores if w == "auto" else int(w)
     if config.run.device != "cpu":
         return None
+    if w == "auto" and not _can_fork():  # the pool needs fork and /proc (Linux); auto falls back
+        return None
+    workers = cores if w == "auto" else int(w)
     if workers <= 1 and not config.run.enforce_budgets:
         return None
     return max(1, workers), max(1, cores // max(1, workers))
+
+
+def _can_fork() -> bool:
+    return hasattr(os, "fork") and sys.platform.startswith("linux")
 
 
 # ------------------------------------------------------------------------------ /proc and limits
