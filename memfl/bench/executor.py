@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memfl.runtime.pool import CAP_MMAP_THRESHOLD
+
 FMNIST = "/usr/share/datasets/fashion-mnist"
 #: budgets of the enforced-cap probe, as multiples of the predicted full-training peak
 CAP_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)
@@ -78,7 +80,7 @@ from memfl.models import build_model
 torch.set_num_threads(1)
 enforce = sys.argv[1] != "0"
 if sys.argv[1] == "2":
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    ctypes.CDLL("libc.so.6").mallopt(-3, int(sys.argv[3]))  # M_MMAP_THRESHOLD, as the pool under a cap
 model = build_model("cnn", in_channels=1, num_classes=10, image_size=28, width=0.5)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
@@ -187,7 +189,11 @@ def _step_cost(steps: int) -> dict[str, Any]:
     for name, flag in variants:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         text = subprocess.run(
-            [sys.executable, "-c", _STEP, flag, str(steps)], env=env, capture_output=True, check=True, text=True
+            [sys.executable, "-c", _STEP, flag, str(steps), str(CAP_MMAP_THRESHOLD)],
+            env=env,
+            capture_output=True,
+            check=True,
+            text=True,
         ).stdout
         res[name] = statistics.median(json.loads(text.strip().splitlines()[-1]))
     return res

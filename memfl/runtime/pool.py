@@ -102,6 +102,7 @@ from torch import nn
 from memfl.config import Config, FaultsConfig
 from memfl.core.protocol import HyperParams, Instruction, Plan, Result
 from memfl.core.trainer import LocalTrainer
+from memfl.memory.measure import MMAP_THRESHOLD
 from memfl.methods.fedhybrid.budget import FederationBudgets
 from memfl.runtime.faults import (
     allocate_past_budget,
@@ -188,8 +189,8 @@ class _MallInfo2(ctypes.Structure):
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD
 _M_MMAP_THRESHOLD = -3
 #: blocks of this size or more get their own mmap, returned to the OS when freed (under an enforced
-#: cap; the estimator's measurement child runs with the same value, MALLOC_MMAP_THRESHOLD_)
-CAP_MMAP_THRESHOLD = 65536
+#: cap): the estimator's measurement allocator, so the cap counts what the estimate predicts
+CAP_MMAP_THRESHOLD = MMAP_THRESHOLD
 
 
 def fix_mmap_threshold() -> bool:
