@@ -193,8 +193,9 @@ def test_fleet_calls_with_a_stolen_node_id_or_a_bad_signature_are_rejected(secur
 @pytest.mark.parametrize(
     "how, code, expected",
     [
-        # clear text to the TLS port: the SuperLink's TLS server drops the connection
-        ("plain", 305, "Server disconnected without sending a response"),
+        # clear text to the TLS port: the SuperLink's TLS server drops the connection; which side of
+        # the drop the client sees first is timing (both seen on this host)
+        ("plain", 305, ("Server disconnected without sending a response", "Connection reset by peer")),
         # clear text with a registered key: flower-supernode refuses to send its identity unencrypted
         pytest.param(
             "plain-with-key", 303, "SuperNode authentication requires a secure TLS connection", marks=pytest.mark.slow
@@ -210,7 +211,8 @@ def test_a_node_without_tls_or_without_the_ca_cannot_connect(secure_fed, how, co
     exit_code = _wait_exit(proc, REFUSED_WITHIN)
     log = proc.log.read_text(errors="replace")
     assert exit_code == 1 and f"Exit Code: {code}" in log, log[-2000:]  # Flower's exit codes (ref-exit-codes)
-    assert expected in log, log[-2000:]
+    alternatives = expected if isinstance(expected, tuple) else (expected,)
+    assert any(e in log for e in alternatives), log[-2000:]
     if code == 305:
         assert "Failed to initialize the connection to the SuperLink" in log
     assert "SuperNode ID" not in log

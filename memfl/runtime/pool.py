@@ -18,13 +18,14 @@ How it works:
 - **Plain protocol data.** An instruction goes to a worker as its JSON meta
   (:meth:`~memfl.core.protocol.Instruction.meta_json`) plus its tensors as safetensors bytes over
   a pipe; the :class:`~memfl.core.protocol.Result` comes back the same way. Nothing is pickled.
-- **Scheduling.** Instructions are handed out in order to whichever worker is free; the outcomes
-  are returned in instruction order and the strategy aggregates in client-id order, so which
+- **Scheduling.** Instructions are handed out longest first (by local steps) to whichever worker
+  is free, so that the short clients fill the end of the round; the outcomes are returned in
+  instruction order and the strategy aggregates in client-id order, so which
   worker trained which client does not matter.
 - **The per-client call** is :func:`train_client` (fault injection: :func:`memfl.runtime.faults.fit_with_fault`
   around :meth:`LocalTrainer.fit`, inside the enforced cap).
 - **Evaluation split over the workers.** :meth:`WorkerPoolExecutor.evaluate` cuts the test set
-  into the batches :func:`memfl.core.trainer.evaluate` uses (1000), gives each worker a contiguous
+  into the batches :func:`memfl.core.trainer.evaluate` uses (``EVAL_BATCH_SIZE``), gives each worker a contiguous
   run of them, and sums the per-batch loss sums in batch order and the correct counts exactly: the
   same numbers as one process evaluating alone (with the same thread count).
 
@@ -101,7 +102,7 @@ from torch import nn
 
 from memfl.config import Config, FaultsConfig
 from memfl.core.protocol import HyperParams, Instruction, Plan, Result
-from memfl.core.trainer import LocalTrainer
+from memfl.core.trainer import EVAL_BATCH_SIZE, LocalTrainer
 from memfl.memory.measure import MMAP_THRESHOLD
 from memfl.methods.fedhybrid.budget import FederationBudgets
 from memfl.runtime.faults import (
@@ -126,7 +127,7 @@ __all__ = [
 ]
 
 #: the batch size of :func:`memfl.core.trainer.evaluate` (the split must cut the same batches)
-EVAL_BATCH = 1000
+EVAL_BATCH = EVAL_BATCH_SIZE
 
 
 # ------------------------------------------------------------------------------ how many workers
@@ -599,6 +600,9 @@ class WorkerPoolExecutor:
             head = {"op": "fit", "idx": i, "meta": ins.meta_json(), "fault": fault, "cap_budget": cap}
             head["real_budget"] = real
             tasks.append((i, _pack(head, ins.params)))
+        # longest first (by local steps): the round ends when the last worker does, so the short
+        # clients fill the tail; outcomes still come back in instruction order
+        tasks = deque(sorted(tasks, key=lambda t: -self._steps(instructions[t[0]])))
         started = [0]
 
         def on_start(i: int) -> None:
@@ -620,6 +624,13 @@ class WorkerPoolExecutor:
         if missing:  # pragma: no cover - every path sets one
             raise RuntimeError(f"round {round}: worker-pool tasks {missing} got no outcome")
         return outcomes  # type: ignore[return-value]
+
+    def _steps(self, ins: Instruction) -> int:
+        """The local steps ``ins`` asks of its client: the scheduling cost of a task."""
+        n = len(self.by_id[ins.client_id].x)
+        h = ins.hparams
+        steps = h.local_epochs * math.ceil(n / max(1, h.batch_size))
+        return min(steps, h.max_steps) if h.max_steps is not None else steps
 
     def _dispatch(self, tasks: deque, on_start: Callable[[int], None], on_lost: Callable[[int, str, str], None]):
         """Hand ``tasks`` ((index, message) pairs) to free workers; yield ``(kind, index, head,
