@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memfl.core.trainer import EVAL_BATCH_SIZE
 from memfl.runtime.pool import CAP_MMAP_THRESHOLD
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -95,6 +96,45 @@ for _ in range(int(sys.argv[2])):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
 print(json.dumps(times))
 """
+
+
+_EVAL = r"""
+import json, statistics, sys, time, torch
+from memfl.core.trainer import EVAL_BATCH_SIZE, evaluate
+from memfl.data import load_dataset
+from memfl.models import build_model
+from memfl.runtime.procfs import reset_peak_rss, status_bytes
+torch.set_num_threads(int(sys.argv[1]))
+test = load_dataset("fashion-mnist", data_dir=sys.argv[2])
+x, y = test.test_x, test.test_y
+model = build_model("cnn", in_channels=1, num_classes=10, image_size=28, width=0.5)
+sizes = (1000, EVAL_BATCH_SIZE)
+for b in sizes:
+    evaluate(model, x[:b], y[:b], batch_size=b)  # warm-up: first-call kernels and pages
+out = {b: {"seconds": [], "peak_bytes": 0} for b in sizes}
+for _ in range(int(sys.argv[3])):  # interleaved: drift hits both sizes alike
+    for b in sizes:
+        before = reset_peak_rss()
+        t = time.perf_counter(); evaluate(model, x, y, batch_size=b); out[b]["seconds"].append(time.perf_counter() - t)
+        out[b]["peak_bytes"] = max(out[b]["peak_bytes"], (status_bytes("VmHWM") or 0) - (before or 0))
+res = {str(b): {"seconds": statistics.median(v["seconds"]), "peak_bytes": v["peak_bytes"]} for b, v in out.items()}
+print(json.dumps(res))
+"""
+
+
+def _eval_cost(threads: int, reps: int) -> dict[str, Any]:
+    """The test-set evaluation (10000 images, cnn width 0.5) in batches of 1000 and of
+    :data:`memfl.core.trainer.EVAL_BATCH_SIZE`, at ``threads`` threads, in a fresh process:
+    median seconds and the RSS peak above the process before it."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    text = subprocess.run(
+        [sys.executable, "-c", _EVAL, str(threads), FMNIST, str(reps)],
+        env=env,
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+    return json.loads(text.strip().splitlines()[-1])
 
 
 _CAP = r"""
@@ -304,6 +344,8 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
     max_ref = max(float(t.double().abs().max()) for t in finals[one].values() if t.is_floating_point())
     log("executor bench: step cost of a cap ...")
     step = _step_cost(100 if quick else 300)
+    log("executor bench: evaluation batch ...")
+    eval_cost = {f"{t} thread{'s' if t > 1 else ''}": _eval_cost(t, 2 if quick else 4) for t in sorted({1, cores})}
 
     def median(r: dict[str, Any], key: str | None) -> float | None:
         vals = [x["round_seconds"] if key is None else (x.get("timing") or {}).get(key) for x in r["rounds"]]
@@ -353,6 +395,7 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
         "same_accuracy_matched_threads": rows[matched]["accuracy"] == par["accuracy"] if matched in rows else None,
         "max_abs_param": max_ref,
         "step_seconds": step,
+        "eval_batch": eval_cost,
         "cap_needed": cap,
         "flower_simulation": vs_flower
         if vs_flower is not None
@@ -400,6 +443,15 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
         "",
         "Per training step (cnn 0.5, batch 32, 1 thread, median): "
         + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in step.items())
+        + ".",
+        "",
+        "Test-set evaluation (10000 images, cnn 0.5, median; batch 1000 against the batch "
+        f"{EVAL_BATCH_SIZE} memfl uses): "
+        + "; ".join(
+            f"{t}: "
+            + ", ".join(f"batch {b} {v['seconds']:.2f} s, {v['peak_bytes'] / 2**20:.0f} MiB peak" for b, v in c.items())
+            for t, c in eval_cost.items()
+        )
         + ".",
         "",
         f"Enforced budgets ({workers} workers, one round of 10 clients, full plans, every client's budget "

@@ -134,9 +134,9 @@ class LocalTrainer:
         )
 
 
-#: test-set batch of :func:`evaluate`. Measured (``cnn`` width 0.5, Fashion-MNIST, 2-core CPU): 100-128
-#: is the fastest, 1.6x faster than 1000 on one thread and 1.7x on two, and holds ~12 MiB of
-#: activations where 1000 held ~100-125 MiB (every conv output of a 1000-image batch leaves the caches).
+#: test-set batch of :func:`evaluate`. Measured (``cnn`` width 0.5, Fashion-MNIST's 10000 test images,
+#: 2-core CPU, ``memfl bench executor``): 0.56x the time of batches of 1000 on one thread, 0.58x on
+#: two, with ~10-13 MiB of activations instead of ~96 MiB (a 1000-image conv output leaves the caches).
 EVAL_BATCH_SIZE = 128
 
 
