@@ -59,11 +59,9 @@ def _config_dict(config: Any) -> dict[str, Any]:
     if isinstance(config, dict):
         return {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
     if hasattr(config, "to_json"):
-        data = config.to_json()
-        # an ``out`` the config object never set is no request to write there
-        if "out" not in getattr(config.run, "model_fields_set", {"out"}):
-            data.get("run", {}).pop("out", None)
-        return data
+        # the keys it set: an ``out`` the config object never set is no request to write there,
+        # and a default memfl's method tells apart from an explicit value stays a default
+        return config.to_json(set_only=True)
     raise TypeError(f"config must be a memfl Config, a dict or a TOML path, got {type(config).__name__}")
 
 

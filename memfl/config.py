@@ -263,8 +263,12 @@ class _Config(Section):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    def to_json(self, *, set_only: bool = False) -> dict[str, Any]:
+        """The configuration as plain JSON data: every key (``results.json``), or with
+        ``set_only`` only the keys that were set (what :func:`build_config` needs to rebuild this
+        config *with the same set fields*: a default some method tells apart from an explicit
+        value, such as ``[scalefl] blocks`` for memfl's method, survives the round trip)."""
+        return self.model_dump(mode="json", exclude_unset=set_only)
 
     def section(self, name: str | None) -> Section | None:
         """The typed table ``name`` (a method's section), or None."""
@@ -331,7 +335,7 @@ def load_config(path: str | Path | None) -> Config:
 
 def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """Return a copy with ``{"run.clients": 10, ...}`` applied and validated."""
-    data = config.to_json()
+    data = config.to_json(set_only=True)
     for dotted, value in overrides.items():
         if value is None:
             continue

@@ -127,7 +127,8 @@ def _flower(config, fl_out: Path, warm: bool, steady: list[int], sim_med: float)
     from memfl.runtime.flower.local import run_local
 
     shutil.rmtree(fl_out, ignore_errors=True)
-    fl_config = build_config({**config.to_json(), "run": {**config.to_json()["run"], "out": str(fl_out)}})
+    data = config.to_json(set_only=True)
+    fl_config = build_config({**data, "run": {**data.get("run", {}), "out": str(fl_out)}})
     lines: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     flower = run_local(

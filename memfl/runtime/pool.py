@@ -70,10 +70,11 @@ reuses them without growing the data segment, so the cap is looser by that much 
 plans at 0.8x their predicted peak passed in such a process, failed in a fresh one). ``memfl run``
 starts fresh.
 
-Limits: CPU only (``run.device = "cuda"`` keeps the in-process executor; there a cap would be
-``torch.cuda.set_per_process_memory_fraction``). Linux only (fork, ``/proc``, ``RLIMIT_DATA``).
-A process whose OpenMP pool already runs more than one thread cannot fork workers that use more
-than one (libgomp hangs in the child): then each worker gets one thread and a note says so.
+Limits: CPU only (``run.device = "cuda"`` keeps the in-process executor, which with
+``enforce_budgets`` caps the CUDA caching allocator instead, :mod:`memfl.runtime.cuda_cap`).
+Linux only (fork, ``/proc``, ``RLIMIT_DATA``). A process whose OpenMP pool already runs more
+than one thread cannot fork workers that use more than one (libgomp hangs in the child): then each
+worker gets one thread and a note says so.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def pool_shape(config: Config, cores: int | None = None) -> tuple[int, int] | No
     w = config.run.workers
     if config.run.device != "cpu":
         return None
-    if w == "auto" and not _can_fork():  # the pool needs fork and /proc (Linux); auto falls back
+    if (w == "auto" or config.run.enforce_budgets) and not _can_fork():  # fork and /proc (Linux) or none
         return None
     workers = cores if w == "auto" else int(w)
     if workers <= 1 and not config.run.enforce_budgets:
@@ -263,6 +264,10 @@ class budget_cap:
         limit = c.cap_bytes if hard == resource.RLIM_INFINITY else min(c.cap_bytes, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
         return c
+
+    def failed(self, err: BaseException) -> None:
+        """Note an allocation failure inside the block (:meth:`Cap.failed`)."""
+        self.cap.failed(err)
 
     def __exit__(self, *exc: Any) -> None:
         assert self._old is not None

@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from memfl.config import Config, FaultsConfig
-from memfl.core.protocol import Instruction, Plan
+from memfl.core.protocol import Instruction, Plan, Result
 from memfl.core.trainer import LocalTrainer
 from memfl.data import Dataset
 from memfl.methods.fedhybrid.budget import FederationBudgets, federation_budgets
@@ -47,6 +47,9 @@ class InProcessExecutor:
     called before the i-th of n clients trains (progress). ``faults`` (``[faults]``, or ``None``):
     each client's injected fault is drawn from ``(seed, round, client)`` and applied around its
     training by :func:`memfl.runtime.faults.fit_with_fault` (``oom`` and ``hang`` simulated).
+    ``enforce`` (CUDA trainers only; a CPU cap needs the worker pool): each client trains under
+    :class:`memfl.runtime.cuda_cap.cuda_budget_cap` of its real (else its own) budget, and the
+    device's refusal, not the prediction, makes it ``oom``.
     """
 
     runtime = "sim"
@@ -60,7 +63,14 @@ class InProcessExecutor:
         on_client: Callable[[int, int, int], None] | None = None,
         faults: FaultsConfig | None = None,
         seed: int = 0,
+        enforce: bool = False,
     ) -> None:
+        if enforce and trainer.device.type != "cuda":
+            raise ValueError(
+                "InProcessExecutor(enforce=True) caps CUDA devices only; a CPU cap needs the worker pool "
+                "(memfl.runtime.pool.WorkerPoolExecutor: an OS cap is never set on the server process)"
+            )
+        self.enforce = enforce
         self.federation = federation
         self.faults = faults
         self.seed = seed
@@ -88,14 +98,46 @@ class InProcessExecutor:
         real = None
         if self.budgets is not None:  # the OS kills a client whose peak exceeds its real budget
             real = self.budgets.real(ins.client_id, round)
-            if (ins.predicted_peak_bytes or 0) > real:
+            if not self.enforce and (ins.predicted_peak_bytes or 0) > real:
                 return Outcome(
                     ins.client_id, "oom", error="predicted peak above the real budget", real_budget_bytes=real
                 )
         client = self.by_id[ins.client_id]
         fault = draw_fault(self.faults, self.seed, round, ins.client_id) if self.faults is not None else None
+        if self.enforce:  # the device decides (the CUDA allocator's cap), not the prediction
+            return self._run_capped(ins, client, fault, real if real is not None else client.info.budget_bytes, real)
         # a failing client must not kill the run: fit_with_fault turns its exception into an outcome
         return fit_with_fault(ins, lambda: self.trainer.fit(ins, client.x, client.y), fault, real_budget_bytes=real)
+
+    def _run_capped(
+        self, ins: Instruction, client: SimClient, fault: str | None, budget: int, real: int | None
+    ) -> Outcome:
+        """``run_one`` under :class:`memfl.runtime.cuda_cap.cuda_budget_cap` of ``budget`` bytes; the
+        record gets the cap's fields (``enforced_cap_bytes``, ``measured_peak_bytes``...)."""
+        from memfl.runtime.cuda_cap import cuda_budget_cap
+
+        ctx = cuda_budget_cap(budget, self.trainer.device)
+
+        def fit() -> Result:
+            try:
+                return self.trainer.fit(ins, client.x, client.y)
+            except BaseException as err:
+                ctx.failed(err)
+                raise
+
+        with ctx as cap:
+            outcome = fit_with_fault(ins, fit, fault, real_budget_bytes=real)
+        if outcome.status != "oom":
+            cap.oom_at_bytes = None  # it failed for another reason, or not at all
+        outcome.extra.update(cap.record())
+        if outcome.status == "oom":
+            outcome.error = (
+                f"{outcome.error} [over the enforced CUDA cap: {budget / 2**20:.1f} MiB budget above "
+                f"{cap.baseline_bytes / 2**20:.1f} MiB allocated before]"
+            )
+        if outcome.result is not None:
+            outcome.result.measured_peak_bytes = cap.measured_peak_bytes
+        return outcome
 
     def timing(self) -> dict[str, float]:
         return {}
@@ -143,8 +185,19 @@ def run_experiment(
     reporter = ConsoleReporter(console, progress=progress)
     shape = pool_shape(config)  # [run] workers / enforce_budgets: clients in worker processes
     if shape is None:
+        if config.run.enforce_budgets and config.run.device == "cpu":
+            raise ValueError(
+                "run.enforce_budgets: a CPU cap needs the worker pool, which needs fork and /proc (Linux); "
+                "on this platform set run.enforce_budgets = false"
+            )
         executor = InProcessExecutor(
-            clients, trainer, budgets, on_client=reporter.client, faults=config.faults, seed=config.run.seed
+            clients,
+            trainer,
+            budgets,
+            on_client=reporter.client,
+            faults=config.faults,
+            seed=config.run.seed,
+            enforce=config.run.enforce_budgets,  # on CUDA: memfl.runtime.cuda_cap
         )
         return run_rounds(config, setup, checkpoint, executor, test=data, reporter=reporter, on_round=on_round)
     with WorkerPoolExecutor(

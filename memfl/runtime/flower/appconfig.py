@@ -70,7 +70,7 @@ class AppSettings:
     def to_run_config(self) -> dict[str, Any]:
         """Flat ``{dotted key: value}`` as Flower hands it to the apps (None values left out)."""
         flat: dict[str, Any] = {k: getattr(self, k.replace("-", "_")) for k in RUNTIME_DEFAULTS}
-        for section, table in self.config.to_json().items():
+        for section, table in self.config.to_json(set_only=True).items():
             for key, value in table.items():
                 if value is not None:
                     flat[f"memfl.{section}.{key}"] = _encode(value)
@@ -149,7 +149,7 @@ def app_pyproject(settings: AppSettings) -> str:
     ]
     for key in RUNTIME_DEFAULTS:
         lines.append(f"{key} = {_toml_value(getattr(settings, key.replace('-', '_')))}")
-    for section, table in settings.config.to_json().items():
+    for section, table in settings.config.to_json(set_only=True).items():
         lines += ["", f"[tool.flwr.app.config.memfl.{section}]"]
         if section == "run":
             lines.append("# out: where the ServerApp writes results.json, on the SuperLink's machine")

@@ -18,7 +18,9 @@ A SuperNode says who it is with ``--node-config`` (values are TOML-typed)::
 With ``[run] enforce_budgets = true`` the training runs under an OS cap (``RLIMIT_DATA``, as in the
 worker pool, :func:`memfl.runtime.pool.budget_cap`, with the pool's fixed mmap threshold) of
 ``memory-mb`` above the ClientApp's data size before training; an allocation past it ends the round
-for this node with a ``MemoryError`` (the server records ``oom``).
+for this node with a ``MemoryError`` (the server records ``oom``). On a node whose
+``torch-device`` is ``cuda`` the cap is the CUDA caching allocator's memory fraction instead
+(:class:`memfl.runtime.cuda_cap.cuda_budget_cap`; untested here, no GPU).
 
 A node with no ``memory-mb`` takes its device profile's usable memory, or, with no known device,
 the memory the OS reports available now (``MemAvailable``). The node cuts its share with
@@ -316,21 +318,30 @@ def train(message: Message, context: Context) -> Message:
     if fault == "hang":  # past the server's deadline, then free the node for the next message
         time.sleep(settings.round_timeout + HANG_MARGIN)
         raise ClientHang(f"injected hang: slept {settings.round_timeout + HANG_MARGIN:g} s")
-    key = json.dumps(config.to_json(), sort_keys=True)
+    key = json.dumps(config.to_json(set_only=True), sort_keys=True)  # set keys: the server's defaults stay defaults
     trainer = _trainer(key, shape, classes, spec.torch_device)
     cap = None
-    if config.run.enforce_budgets:  # the OS cap: memory-mb above this process's baseline (memfl.runtime.pool)
+    if config.run.enforce_budgets:  # the cap: memory-mb above this process's baseline (memfl.runtime.pool)
         from memfl.runtime.pool import budget_cap, fix_mmap_threshold, warm_up
 
-        fix_mmap_threshold()  # the allocator the estimate is made for (memfl.runtime.pool)
+        on_cuda = torch.device(spec.torch_device).type == "cuda"
+        if on_cuda:  # the caching allocator's fraction (memfl.runtime.cuda_cap)
+            from memfl.runtime.cuda_cap import cuda_budget_cap
+
+            ctx: Any = cuda_budget_cap(spec.budget_bytes, spec.torch_device)
+        else:  # RLIMIT_DATA, with the allocator the estimate is made for (memfl.runtime.pool)
+            fix_mmap_threshold()
+            ctx = budget_cap(spec.budget_bytes)
         warm_up(trainer, x, y, ins.hparams.batch_size)  # lazy imports and kernels, outside the cap
-        with budget_cap(spec.budget_bytes) as cap:
+        with ctx as cap:
             try:
-                if fault == "oom":
+                if fault == "oom" and on_cuda:  # a host allocation would not meet the device's cap
+                    simulated_oom(ins)
+                elif fault == "oom":
                     allocate_past_budget(replace(ins, budget_bytes=spec.budget_bytes))
                 res = trainer.fit(ins, x, y)
             except (MemoryError, RuntimeError) as err:
-                cap.failed(err)
+                ctx.failed(err)
                 raise MemoryError(
                     f"out of memory under the enforced cap ({spec.budget_bytes / MB:.1f} MiB above a "
                     f"{cap.baseline_bytes / MB:.1f} MiB baseline; about {(cap.oom_at_bytes or 0) / MB:.1f} MiB "

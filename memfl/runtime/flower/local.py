@@ -611,9 +611,9 @@ def federation_node_configs(config: Config, nodes: int) -> list[dict[str, Any]]:
 
 def local_settings(config: Config, nodes: int, *, round_timeout: float = 600.0) -> AppSettings:
     """The app settings of ``memfl flower local``: clients = nodes, an absolute ``out``."""
-    cfg = config.to_json()
-    cfg["run"]["clients"] = nodes
-    cfg["run"]["out"] = str(Path(cfg["run"]["out"]).absolute())
+    cfg = config.to_json(set_only=True)
+    cfg.setdefault("run", {})["clients"] = nodes
+    cfg["run"]["out"] = str(Path(config.run.out).absolute())
     return AppSettings(
         config=build_config(cfg, source="memfl flower local"),
         min_nodes=nodes,
