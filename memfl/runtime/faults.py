@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from memfl.config import FAULT_KINDS, FaultsConfig
 from memfl.core.protocol import Instruction, Result
 from memfl.core.seeding import round_seed
 from memfl.server.executor import Outcome
+
+T = TypeVar("T")
 
 __all__ = [
     "FAULT_KINDS",
@@ -50,6 +52,7 @@ __all__ = [
     "draw_fault",
     "fit_with_fault",
     "is_oom_error",
+    "noting_failures",
     "simulated_hang",
     "simulated_oom",
     "sleep_forever",
@@ -136,6 +139,20 @@ def is_oom_error(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def noting_failures(fn: Callable[..., T], failed: Callable[[BaseException], None]) -> Callable[..., T]:
+    """``fn`` that first hands any exception it raises to ``failed`` (a budget cap noting the bytes in
+    use at an allocation failure), then re-raises it for :func:`fit_with_fault` to classify."""
+
+    def call(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except BaseException as err:
+            failed(err)
+            raise
+
+    return call
 
 
 def fit_with_fault(

@@ -110,6 +110,7 @@ from memfl.runtime.faults import (
     allocate_past_budget,
     draw_fault,
     fit_with_fault,
+    noting_failures,
     simulated_hang,
     simulated_oom,
 )
@@ -301,20 +302,8 @@ def train_client(
     cap_ctx = budget_cap(budget_bytes)
     holder: dict[str, Any] = {}
 
-    def fit() -> Result:
-        try:
-            return trainer.fit(ins, client.x, client.y)
-        except BaseException as err:
-            cap_ctx.cap.failed(err)
-            raise
-
-    def oom(i: Instruction) -> None:
-        try:
-            allocate_past_budget(i)
-        except BaseException as err:
-            cap_ctx.cap.failed(err)
-            raise
-
+    fit = noting_failures(lambda: trainer.fit(ins, client.x, client.y), cap_ctx.failed)
+    oom = noting_failures(allocate_past_budget, cap_ctx.failed)
     with cap_ctx as cap:
         holder["outcome"] = fit_with_fault(
             ins, fit, fault, real_budget_bytes=real_budget_bytes, oom=oom, hang=simulated_hang

@@ -25,11 +25,11 @@ import torch
 from rich.console import Console
 
 from memfl.config import Config, FaultsConfig
-from memfl.core.protocol import Instruction, Plan, Result
+from memfl.core.protocol import Instruction, Plan
 from memfl.core.trainer import LocalTrainer
 from memfl.data import Dataset
 from memfl.methods.fedhybrid.budget import FederationBudgets, federation_budgets
-from memfl.runtime.faults import draw_fault, fit_with_fault
+from memfl.runtime.faults import draw_fault, fit_with_fault, noting_failures
 from memfl.runtime.pool import WorkerPoolExecutor, pool_shape
 from memfl.server.checkpoint import Checkpoint
 from memfl.server.executor import Candidate, Outcome
@@ -118,13 +118,7 @@ class InProcessExecutor:
 
         ctx = cuda_budget_cap(budget, self.trainer.device)
 
-        def fit() -> Result:
-            try:
-                return self.trainer.fit(ins, client.x, client.y)
-            except BaseException as err:
-                ctx.failed(err)
-                raise
-
+        fit = noting_failures(lambda: self.trainer.fit(ins, client.x, client.y), ctx.failed)
         with ctx as cap:
             outcome = fit_with_fault(ins, fit, fault, real_budget_bytes=real)
         if outcome.status != "oom":
