@@ -139,6 +139,9 @@ def _eval_cost(threads: int, reps: int) -> dict[str, Any]:
 
 _CAP = r"""
 import json, sys, torch
+if len(sys.argv) > 3:  # another fixed mmap threshold under the cap (threshold_sweep)
+    import memfl.runtime.pool
+    memfl.runtime.pool.CAP_MMAP_THRESHOLD = int(sys.argv[3])
 from memfl.config import build_config
 from memfl.runtime.sim import run_experiment
 cfg = build_config(json.loads(sys.argv[1]))
@@ -239,19 +242,28 @@ def _step_cost(steps: int) -> dict[str, Any]:
     return res
 
 
-def _cap_needed(config: dict[str, Any], work: Path, workers: int, cores: int) -> dict[str, Any]:
+def _cap_needed(
+    config: dict[str, Any],
+    work: Path,
+    workers: int,
+    cores: int,
+    multiples: tuple[float, ...] = CAP_MULTIPLES,
+    mmap_threshold: int | None = None,
+) -> dict[str, Any]:
     """Under ``enforce_budgets``, how many of one round's 10 clients finish their full-plan training
-    when every client's budget is ``k`` x the predicted full-training peak, for a few ``k``: the
-    pool itself (``workers`` workers), one fresh run per ``k``."""
+    when every client's budget is ``k`` x the predicted full-training peak, for each ``k`` of
+    ``multiples``: the pool itself (``workers`` workers), one fresh run per ``k``.
+    ``mmap_threshold``: the pool's fixed glibc mmap threshold (None: its own, 64 KiB)."""
     out: dict[str, Any] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
-    for k in CAP_MULTIPLES:
+    extra = [] if mmap_threshold is None else [str(mmap_threshold)]
+    for k in multiples:
         cfg = json.loads(json.dumps(config))
         cfg["run"].update(
             rounds=1, budgets=f"relative:{k}-{k}", enforce_budgets=True, workers=workers, out=str(work / f"cap-{k}")
         )
         text = subprocess.run(
-            [sys.executable, "-c", _CAP, json.dumps(cfg), str(cores)],
+            [sys.executable, "-c", _CAP, json.dumps(cfg), str(cores), *extra],
             env=env,
             capture_output=True,
             check=True,
@@ -271,6 +283,66 @@ def _cap_needed(config: dict[str, Any], work: Path, workers: int, cores: int) ->
             "errors": sorted({(c.get("error") or "")[:70] for c in clients if c["status"] != "ok"}),
         }
     return out
+
+
+def threshold_sweep(
+    thresholds: tuple[int, ...] = (65536, 262144, 1048576, 4194304),
+    multiples: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5),
+    steps: int = 60,
+    reps: int = 3,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Why the pool fixes glibc's mmap threshold at 64 KiB under enforced budgets: for each fixed
+    threshold, the median training step (cnn 0.5, batch 32, 1 thread, under a cap; ``reps`` fresh
+    processes interleaved with an uncapped one, ``steps`` steps each) and the clients of one
+    round that finish under budgets of ``k`` x the predicted peak (:func:`_cap_needed`).
+    Run as ``python -c "from memfl.bench.executor import threshold_sweep; threshold_sweep()"``
+    (~6 minutes on 2 cores); prints its table and returns the numbers."""
+    cores = len(os.sched_getaffinity(0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    times: dict[str, list[float]] = {"no cap": [], **{str(t): [] for t in thresholds}}
+    for _ in range(reps):  # interleaved: drift hits every variant alike
+        for name in times:
+            flag, thr = ("0", "65536") if name == "no cap" else ("2", name)
+            text = subprocess.run(
+                [sys.executable, "-c", _STEP, flag, str(steps), thr],
+                env=env,
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+            times[name].append(statistics.median(json.loads(text.strip().splitlines()[-1])))
+    step = {name: statistics.median(v) for name, v in times.items()}
+    base = {
+        "run": {
+            "method": "fedavg",
+            "model": "cnn",
+            "model_width": 0.5,
+            "dataset": "fashion-mnist",
+            "data_dir": FMNIST,
+            "clients": 100,
+            "per_round": 10,
+            "rounds": 1,
+            "partition": "dirichlet:0.5",
+            "seed": 0,
+        }
+    }
+    caps = {}
+    with tempfile.TemporaryDirectory(prefix="memfl-bench-threshold-") as tmp:
+        for t in thresholds:
+            caps[str(t)] = _cap_needed(base, Path(tmp) / str(t), workers, cores, multiples, mmap_threshold=t)
+    lines = [
+        "| mmap threshold | step ms (x no cap) | " + " | ".join(f"ok at {k}x" for k in multiples) + " |",
+        "|---|---|" + "---|" * len(multiples),
+    ]
+    for t in thresholds:
+        c = caps[str(t)]
+        oks = " | ".join(f"{c[str(k)]['ok']}/{c[str(k)]['clients']}" for k in multiples)
+        kib = f"{t // 1024} KiB" if t < 2**20 else f"{t // 2**20} MiB"
+        lines.append(f"| {kib} | {1000 * step[str(t)]:.1f} ({step[str(t)] / step['no cap']:.2f}x) | {oks} |")
+    lines.append(f"\nno cap: {1000 * step['no cap']:.1f} ms per step")
+    print("\n".join(lines))
+    return {"step_seconds": step, "cap_needed": caps, "table": "\n".join(lines)}
 
 
 def _f(x: float | None) -> str:
