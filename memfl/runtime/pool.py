@@ -60,8 +60,10 @@ enforcement on, the pool therefore fixes glibc's mmap threshold at 64 KiB
 the estimator's measurements are made with (:mod:`memfl.memory.measure`): then every block of 64
 KiB or more is mapped on its own and returned when freed, and the same clients trained under 0.95x
 their predicted peak. The cost is paid per step (page faults on fresh mappings):
-``memfl bench executor`` measures it. Tiny models have little room: the 3.3 MB cnn width 0.25
-still needs about 1.1-1.2x (fixed allocator and runtime overhead).
+``memfl bench executor`` measures it, and
+:func:`memfl.bench.executor.threshold_sweep` shows why a larger threshold is no way out (from 1 MiB
+up the step is nearly free, but no full plan fits even 1.5x its predicted peak). Tiny models have
+little room: the 3.3 MB cnn width 0.25 still needs about 1.1-1.2x (fixed allocator and runtime overhead).
 
 Caveat: the cap counts growth above the worker's baseline. A server process that has already
 trained bigger workloads (a notebook calling :func:`memfl.run` again, a test session) hands its
