@@ -25,8 +25,9 @@ How it works:
 - **The per-client call** is :func:`train_client` (fault injection: :func:`memfl.runtime.faults.fit_with_fault`
   around :meth:`LocalTrainer.fit`, inside the enforced cap).
 - **Evaluation split over the workers.** :meth:`WorkerPoolExecutor.evaluate` cuts the test set
-  into the batches :func:`memfl.core.trainer.evaluate` uses (``EVAL_BATCH_SIZE``), gives each worker a contiguous
-  run of them, and sums the per-batch loss sums in batch order and the correct counts exactly: the
+  into the batches :func:`memfl.core.trainer.evaluate` uses (``EVAL_BATCH_SIZE``), groups them into
+  contiguous chunks (:data:`EVAL_CHUNKS_PER_WORKER` per worker, handed out as workers come free, so
+  a slower worker does less), and sums the per-batch loss sums in batch order and the correct counts exactly: the
   same numbers as one process evaluating alone (with the same thread count).
 
 Same results. A client's training is seeded from its instruction and its model is overwritten
@@ -132,6 +133,10 @@ __all__ = [
 
 #: the batch size of :func:`memfl.core.trainer.evaluate` (the split must cut the same batches)
 EVAL_BATCH = EVAL_BATCH_SIZE
+#: the test set is cut into this many chunks per worker, handed out as workers come free, so a
+#: worker that runs slower (a busier core, a noisy neighbour: measured here, one of two equal
+#: workers took 1.3x as long for its half, round after round) does less of it
+EVAL_CHUNKS_PER_WORKER = 4
 
 
 # ------------------------------------------------------------------------------ how many workers
@@ -327,10 +332,17 @@ def train_client(
 
 
 # ------------------------------------------------------------------------------ messages
-def _pack(head: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
-    body = st_save({k: v.detach().contiguous() for k, v in tensors.items()}) if tensors else b""
+def _pack(head: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None, body: bytes | None = None) -> bytes:
+    """``head`` (JSON) and ``tensors`` (safetensors) as one message; ``body``: tensors already
+    serialized by :func:`_tensor_body` (one message body sent many times)."""
+    if body is None:
+        body = _tensor_body(tensors)
     h = json.dumps(head).encode()
     return struct.pack("<Q", len(h)) + h + body
+
+
+def _tensor_body(tensors: dict[str, torch.Tensor] | None) -> bytes:
+    return st_save({k: v.detach().contiguous() for k, v in tensors.items()}) if tensors else b""
 
 
 def _unpack(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -687,12 +699,13 @@ class WorkerPoolExecutor:
         if self.eval_model is None or x is not self.test_x or y is not self.test_y or len(x) == 0:
             return None
         n_batches = math.ceil(len(x) / EVAL_BATCH)
-        k = min(len(self._workers), n_batches)
+        k = min(EVAL_CHUNKS_PER_WORKER * len(self._workers), n_batches)
         bounds = [round(j * n_batches / k) for j in range(k + 1)]
         rows: dict[int, list[list[float]]] = {}
         lost: list[int] = []
+        body = _tensor_body(params)  # once: every chunk carries the same parameters
         tasks = deque(
-            (j, _pack({"op": "eval", "idx": j, "lo": bounds[j], "hi": bounds[j + 1]}, params)) for j in range(k)
+            (j, _pack({"op": "eval", "idx": j, "lo": bounds[j], "hi": bounds[j + 1]}, body=body)) for j in range(k)
         )
         for _, j, head, _t in self._dispatch(tasks, lambda j: None, lambda j, why, status: lost.append(j)):
             rows[j] = head["rows"]
