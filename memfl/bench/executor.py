@@ -99,7 +99,7 @@ print(json.dumps(times))
 
 
 _EVAL = r"""
-import json, statistics, sys, time, torch
+import ctypes, json, statistics, sys, time, torch
 from memfl.core.trainer import EVAL_BATCH_SIZE, evaluate
 from memfl.data import load_dataset
 from memfl.models import build_model
@@ -114,6 +114,7 @@ for b in sizes:
 out = {b: {"seconds": [], "peak_bytes": 0} for b in sizes}
 for _ in range(int(sys.argv[3])):  # interleaved: drift hits both sizes alike
     for b in sizes:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the other size's freed blocks would hide this peak
         before = reset_peak_rss()
         t = time.perf_counter(); evaluate(model, x, y, batch_size=b); out[b]["seconds"].append(time.perf_counter() - t)
         out[b]["peak_bytes"] = max(out[b]["peak_bytes"], (status_bytes("VmHWM") or 0) - (before or 0))
