@@ -134,8 +134,8 @@ __all__ = [
 #: the batch size of :func:`memfl.core.trainer.evaluate` (the split must cut the same batches)
 EVAL_BATCH = EVAL_BATCH_SIZE
 #: the test set is cut into this many chunks per worker, handed out as workers come free, so a
-#: worker that runs slower (a busier core, a noisy neighbour: measured here, one of two equal
-#: workers took 1.3x as long for its half, round after round) does less of it
+#: worker that runs slower (a busier core, a noisy neighbour) does less of it. On this project's
+#: 2-core VM the gain was 3-5% of the evaluation, inside its noise (docs/BENCHMARKS.md)
 EVAL_CHUNKS_PER_WORKER = 4
 
 
