@@ -223,24 +223,46 @@ def _run_one(
     }
 
 
+def _step_median(flag: str, steps: int, mmap_threshold: int = CAP_MMAP_THRESHOLD) -> float:
+    """Median seconds of ``steps`` training steps (cnn 0.5, batch 32, 1 thread) in a fresh process:
+    ``flag`` "0" no cap, "1" an RLIMIT_DATA cap, "2" the cap and ``mmap_threshold`` fixed."""
+    text = subprocess.run(
+        [sys.executable, "-c", _STEP, flag, str(steps), str(mmap_threshold)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+    return statistics.median(json.loads(text.strip().splitlines()[-1]))
+
+
 def _step_cost(steps: int) -> dict[str, Any]:
-    res = {}
     variants = (
         ("no cap", "0"),
         ("RLIMIT_DATA cap alone", "1"),
         ("cap + mmap threshold fixed at 64 KiB (what enforce_budgets does)", "2"),
     )
-    for name, flag in variants:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        text = subprocess.run(
-            [sys.executable, "-c", _STEP, flag, str(steps), str(CAP_MMAP_THRESHOLD)],
-            env=env,
-            capture_output=True,
-            check=True,
-            text=True,
-        ).stdout
-        res[name] = statistics.median(json.loads(text.strip().splitlines()[-1]))
-    return res
+    return {name: _step_median(flag, steps) for name, flag in variants}
+
+
+def _job(rounds: int) -> dict[str, Any]:
+    """The benchmark's FedAvg job (cnn 0.5, Fashion-MNIST, 100 clients Dir(0.5), 10 per round,
+    evaluation every round) as a config dict, ``rounds`` rounds."""
+    return {
+        "run": {
+            "method": "fedavg",
+            "model": "cnn",
+            "model_width": 0.5,
+            "dataset": "fashion-mnist",
+            "data_dir": FMNIST,
+            "clients": 100,
+            "per_round": 10,
+            "rounds": rounds,
+            "partition": "dirichlet:0.5",
+            "seed": 0,
+            "eval_every": 1,
+        },
+    }
 
 
 def _cap_needed(
@@ -300,34 +322,12 @@ def threshold_sweep(
     Run as ``python -c "from memfl.bench.executor import threshold_sweep; threshold_sweep()"``
     (~6 minutes on 2 cores); prints its table and returns the numbers."""
     cores = len(os.sched_getaffinity(0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     times: dict[str, list[float]] = {"no cap": [], **{str(t): [] for t in thresholds}}
     for _ in range(reps):  # interleaved: drift hits every variant alike
         for name in times:
-            flag, thr = ("0", "65536") if name == "no cap" else ("2", name)
-            text = subprocess.run(
-                [sys.executable, "-c", _STEP, flag, str(steps), thr],
-                env=env,
-                capture_output=True,
-                check=True,
-                text=True,
-            ).stdout
-            times[name].append(statistics.median(json.loads(text.strip().splitlines()[-1])))
+            times[name].append(_step_median("0", steps) if name == "no cap" else _step_median("2", steps, int(name)))
     step = {name: statistics.median(v) for name, v in times.items()}
-    base = {
-        "run": {
-            "method": "fedavg",
-            "model": "cnn",
-            "model_width": 0.5,
-            "dataset": "fashion-mnist",
-            "data_dir": FMNIST,
-            "clients": 100,
-            "per_round": 10,
-            "rounds": 1,
-            "partition": "dirichlet:0.5",
-            "seed": 0,
-        }
-    }
+    base = _job(1)
     caps = {}
     with tempfile.TemporaryDirectory(prefix="memfl-bench-threshold-") as tmp:
         for t in thresholds:
@@ -356,21 +356,7 @@ def run(out: Path, quick: bool = False, workers: int = 2, log: Any = print) -> d
     cores = len(os.sched_getaffinity(0))
     rounds = 2 if quick else 5
     per_worker = max(1, cores // workers)
-    base = {
-        "run": {
-            "method": "fedavg",
-            "model": "cnn",
-            "model_width": 0.5,
-            "dataset": "fashion-mnist",
-            "data_dir": FMNIST,
-            "clients": 100,
-            "per_round": 10,
-            "rounds": rounds,
-            "partition": "dirichlet:0.5",
-            "seed": 0,
-            "eval_every": 1,
-        },
-    }
+    base = _job(rounds)
     load_before = os.getloadavg()
     one = "1 worker (in process)"
     matched = f"1 worker, {per_worker} thread{'s' if per_worker > 1 else ''} (in process)"

@@ -245,6 +245,19 @@ class Cap:
             "measured_peak_bytes": self.oom_at_bytes if self.oom_at_bytes is not None else self.measured_peak_bytes,
         }
 
+    def settle(self, outcome: Outcome, over: str) -> Outcome:
+        """Put what the cap measured into ``outcome`` (the client's round under it): the record's cap
+        fields, the result's ``measured_peak_bytes``, and for ``oom`` the cap in the error text
+        (``[over ...]``, ``over`` saying which cap); a failure that was no ``oom`` keeps no bytes."""
+        if outcome.status != "oom":
+            self.oom_at_bytes = None  # it failed for another reason, or not at all
+        outcome.extra.update(self.record())
+        if outcome.status == "oom":
+            outcome.error = f"{outcome.error} [over {over}]"
+        if outcome.result is not None:
+            outcome.result.measured_peak_bytes = self.measured_peak_bytes
+        return outcome
+
     def failed(self, err: BaseException) -> None:
         """Note an allocation failure: the data in use now plus the request that failed."""
         now = status_bytes("VmData") or 0
@@ -307,28 +320,17 @@ def train_client(
             hang=simulated_hang,
         )
     cap_ctx = budget_cap(budget_bytes)
-    holder: dict[str, Any] = {}
-
     fit = noting_failures(lambda: trainer.fit(ins, client.x, client.y), cap_ctx.failed)
     oom = noting_failures(allocate_past_budget, cap_ctx.failed)
     with cap_ctx as cap:
-        holder["outcome"] = fit_with_fault(
-            ins, fit, fault, real_budget_bytes=real_budget_bytes, oom=oom, hang=simulated_hang
-        )
-    outcome: Outcome = holder["outcome"]
+        outcome = fit_with_fault(ins, fit, fault, real_budget_bytes=real_budget_bytes, oom=oom, hang=simulated_hang)
     if outcome.status == "failed" and cap.oom_at_bytes is not None and _ALLOC_FAILED.search(outcome.error or ""):
         outcome.status = "oom"  # oneDNN could not allocate its kernel under the cap
-    if cap.oom_at_bytes is not None and outcome.status != "oom":
-        cap.oom_at_bytes = None  # it failed for another reason
-    outcome.extra.update(cap.record())
-    if outcome.status == "oom":
-        outcome.error = (
-            f"{outcome.error} [over the enforced cap: {cap.budget_bytes / 2**20:.1f} MiB budget above a "
-            f"{cap.baseline_bytes / 2**20:.1f} MiB baseline]"
-        )
-    if outcome.result is not None:
-        outcome.result.measured_peak_bytes = cap.measured_peak_bytes
-    return outcome
+    over = (
+        f"the enforced cap: {cap.budget_bytes / 2**20:.1f} MiB budget above a "
+        f"{cap.baseline_bytes / 2**20:.1f} MiB baseline"
+    )
+    return cap.settle(outcome, over)
 
 
 # ------------------------------------------------------------------------------ messages

@@ -117,21 +117,14 @@ class InProcessExecutor:
         from memfl.runtime.cuda_cap import cuda_budget_cap
 
         ctx = cuda_budget_cap(budget, self.trainer.device)
-
         fit = noting_failures(lambda: self.trainer.fit(ins, client.x, client.y), ctx.failed)
         with ctx as cap:
             outcome = fit_with_fault(ins, fit, fault, real_budget_bytes=real)
-        if outcome.status != "oom":
-            cap.oom_at_bytes = None  # it failed for another reason, or not at all
-        outcome.extra.update(cap.record())
-        if outcome.status == "oom":
-            outcome.error = (
-                f"{outcome.error} [over the enforced CUDA cap: {budget / 2**20:.1f} MiB budget above "
-                f"{cap.baseline_bytes / 2**20:.1f} MiB allocated before]"
-            )
-        if outcome.result is not None:
-            outcome.result.measured_peak_bytes = cap.measured_peak_bytes
-        return outcome
+        over = (
+            f"the enforced CUDA cap: {budget / 2**20:.1f} MiB budget above "
+            f"{cap.baseline_bytes / 2**20:.1f} MiB allocated before"
+        )
+        return cap.settle(outcome, over)
 
     def timing(self) -> dict[str, float]:
         return {}
