@@ -320,7 +320,7 @@ def threshold_sweep(
     processes interleaved with an uncapped one, ``steps`` steps each) and the clients of one
     round that finish under budgets of ``k`` x the predicted peak (:func:`_cap_needed`).
     Run as ``python -c "from memfl.bench.executor import threshold_sweep; threshold_sweep()"``
-    (~6 minutes on 2 cores); prints its table and returns the numbers."""
+    (~9 minutes on 2 cores); prints its table and returns the numbers."""
     cores = len(os.sched_getaffinity(0))
     times: dict[str, list[float]] = {"no cap": [], **{str(t): [] for t in thresholds}}
     for _ in range(reps):  # interleaved: drift hits every variant alike
